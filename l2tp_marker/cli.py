@@ -1,0 +1,112 @@
+"""The ``l2tp-marker`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--mark-mask", type=lambda s: int(s, 0), default=None,
+                   help="bits of the packet mark that carry the SA mark (default 0xffffffff)")
+    g.add_argument("--secret", default=None,
+                   help="L2TP tunnel secret, to reveal and rewrite hidden Assigned Tunnel ID AVPs")
+    g.add_argument("--idle-timeout", type=float, default=None,
+                   help="seconds without a packet before a tunnel is forgotten (default 600)")
+    g.add_argument("--enforce", choices=("off", "log", "drop"), default=None,
+                   help="inbound packets of a tunnel bound to another SA: count and log them (log, "
+                        "default), ignore them (off) or drop them before the LNS sees them (drop)")
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .capture_io import CaptureError, LINKTYPE_RAW, write_pcap
+    from .config import engine_config_from_args
+    from .replay import MarkPolicy, ReplayError, format_summary, format_table, replay, write_json
+
+    try:
+        marks = MarkPolicy.from_file(args.marks) if args.marks else MarkPolicy(args.mark_by)
+        result = replay(args.capture, gateway=args.gateway, marks=marks,
+                        config=engine_config_from_args(args))
+    except (ReplayError, CaptureError, ValueError) as exc:
+        print(f"l2tp-marker replay: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"l2tp-marker replay: cannot read {args.capture}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if args.write_rewritten:
+        write_pcap(args.write_rewritten, result.rewritten, LINKTYPE_RAW)
+    if args.json:
+        write_json(result, sys.stdout)
+    else:
+        if result.records:
+            for line in format_table(result.records):
+                print(line)
+        for line in format_summary(result.summary):
+            print(line)
+    return 0 if result.summary["l2tp_packets"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l2tp-marker",
+        description="Per-client IPsec SA marks and tunnel-ID translation for L2TP clients behind one NAT.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("replay", help="run a capture (pcap/pcapng) through the engine offline",
+                       description="Replays a capture through the same engine the daemon uses and prints "
+                                   "the decision for every L2TP packet, then a summary.")
+    p.add_argument("capture", help="pcap or pcapng file (Ethernet, raw IP, Linux cooked SLL/SLL2, NFLOG)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per L2TP packet, then a summary object (format in the README)")
+    p.add_argument("--gateway", help="the LNS address (needed when the capture has no NFLOG hooks and "
+                                     "no SCCRQ to guess it from)")
+    p.add_argument("--mark-by", choices=("peer", "addr"), default="peer",
+                   help="for captures without marks: give each distinct peer address:port (peer) or "
+                        "address (addr) its own inbound mark 1, 2, ... (default peer)")
+    p.add_argument("--marks", metavar="FILE",
+                   help="for captures without marks: file of 'ADDRESS[:PORT] MARK' lines")
+    p.add_argument("--write-rewritten", metavar="PCAP",
+                   help="write every L2TP packet as it leaves the marker (rewrites applied) to a raw-IP pcap")
+    _add_engine_options(p)
+    p.set_defaults(func=_cmd_replay)
+
+    for name in ("run", "demo", "lab"):
+        _register_optional(sub, name)
+    return parser
+
+
+def _register_optional(sub, name: str) -> None:
+    """Subcommands whose implementation modules register their own arguments."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f".cmd_{name}", __package__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.cmd_{name}":
+            raise
+        return
+    mod.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

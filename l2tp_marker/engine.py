@@ -1,0 +1,572 @@
+"""The tracking engine: which L2TP tunnel belongs to which IPsec SA mark, and what to do per packet.
+
+Pure logic: no sockets, no files, no netfilter. The clock is injected. The adapters (the NFQUEUE
+daemon, ``replay``) decode a packet with :mod:`l2tp_marker.codec`, call :meth:`Engine.judge` and apply
+the returned :class:`Decision` exactly once.
+
+Model (RFC 2661 header IDs are the *recipient's*):
+
+* An inbound SCCRQ that arrived with a non-zero mark M from peer P carries the client's Assigned
+  Tunnel ID C. The engine creates a tunnel bound to M. If another live tunnel from the same peer
+  *address* already shows the LNS that ID (the Windows case: every PC starts at tunnel ID 1), the
+  Assigned Tunnel ID is rewritten to an alias A unused for that address, so an unpatched LNS (xl2tpd
+  matches SCCRQs on peer address and tunnel ID) sees distinct tunnels. The ID the LNS knows is the
+  tunnel's *visible* ID: A if aliased, else C.
+* The outbound SCCRP (header tunnel ID = visible ID) carries the LNS's own Assigned Tunnel ID G;
+  inbound packets of the tunnel carry G in their header from then on.
+* Every outbound packet whose header names a known visible ID leaves with the owner's mark; an
+  aliased tunnel gets the client's real ID C back in its header. Inbound StopCCNs of an aliased
+  tunnel get their Assigned Tunnel ID rewritten like the SCCRQ.
+* Sessions are tracked per tunnel from ICRQ/ICRP (and OCRQ/OCRP), released by CDN. The LNS scopes
+  session IDs by its own tunnel ID and inbound packets carry the LNS's session IDs, so a session ID
+  collision between clients cannot reach the LNS once their tunnels are distinct: sessions are never
+  aliased.
+
+SA binding: a tunnel stays bound to the mark that created it for its whole life. An inbound packet
+of the tunnel arriving with another mark never moves it; it is counted as a conflict (and dropped
+when ``enforce="drop"``). A binding "moves" only by ending: after the tunnel is released (StopCCN
+plus the hold time, idle timeout, or an SCCRQ that never got its SCCRP), the same IDs may be bound
+anew by whichever SA sends the next SCCRQ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
+
+from . import constants as C
+from . import hiding
+from .codec import L2tpMessage, Malformed
+
+IN = "in"
+OUT = "out"
+
+STATE_VERSION = 1
+
+# Reasons (stable strings: they appear in logs, replay output and metrics).
+R_MALFORMED = "malformed"
+R_NO_MARK = "no_mark"
+R_UNKNOWN_TUNNEL = "unknown_tunnel"
+R_LEARNED = "sccrq_learned"
+R_ALIASED = "sccrq_aliased"
+R_RETRANSMIT = "sccrq_retransmit"
+R_TABLE_FULL = "table_full"
+R_HIDDEN = "hidden_id_no_secret"
+R_CONFLICT = "sa_conflict"
+R_INBOUND = "inbound_known"
+R_OWNER = "owner_mark"
+R_OWNER_SET = "owner_mark_set"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The client's address and UDP port as the gateway sees them."""
+
+    addr: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.addr}]:{self.port}" if ":" in self.addr else f"{self.addr}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """One field to change in the packet: ``data`` goes at absolute ``offset`` of the L2TP buffer."""
+
+    field: str
+    offset: int
+    old: int | None
+    new: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TableEvent:
+    """A tunnel bound (its LNS tunnel ID is known) or released; feeds the kernel fast path."""
+
+    kind: str  # "bind" | "release"
+    peer: Peer
+    visible_tid: int
+    client_tid: int
+    our_tid: int | None
+    mark: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one packet. ``mark`` None means: keep the mark it arrived with."""
+
+    reason: str
+    mark: int | None = None
+    rewrites: tuple[Rewrite, ...] = ()
+    drop: bool = False
+    events: tuple[TableEvent, ...] = ()
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Engine settings; every value has a documented default (see the shipped config sample)."""
+
+    mark_mask: int = 0xFFFFFFFF
+    idle_timeout: float = 600.0
+    hold_time: float = C.STOPCCN_HOLD_SECONDS
+    pending_timeout: float = 60.0
+    max_tunnels: int = 100_000
+    max_tunnels_per_mark: int = 64
+    max_sessions_per_tunnel: int = 64
+    enforce: str = "log"  # off | log | drop: what to do with inbound packets of a tunnel bound to another mark
+    secret: bytes | None = None
+    alias_start: int = 0xFFFF  # aliases are handed out downwards from here (Windows counts up from 1)
+    conflict_history: int = 100
+
+    def __post_init__(self) -> None:
+        if self.enforce not in ("off", "log", "drop"):
+            raise ValueError(f"enforce must be off, log or drop, not {self.enforce!r}")
+        if not 0 < self.mark_mask <= 0xFFFFFFFF:
+            raise ValueError("mark_mask must be a non-zero 32-bit value")
+        if not 1 <= self.alias_start <= 0xFFFF:
+            raise ValueError("alias_start must be in 1..65535")
+
+
+@dataclass(slots=True)
+class Session:
+    client_sid: int
+    our_sid: int | None
+    created: float
+    last_seen: float
+    closing_since: float | None = None
+
+
+@dataclass(slots=True)
+class Tunnel:
+    peer: Peer
+    mark: int
+    client_tid: int
+    visible_tid: int
+    created: float
+    last_seen: float
+    our_tid: int | None = None
+    established: bool = False
+    closing_since: float | None = None
+    packets_in: int = 0
+    packets_out: int = 0
+    conflicts: int = 0
+    sessions: dict[int, Session] = field(default_factory=dict)
+
+    @property
+    def alias(self) -> int | None:
+        return self.visible_tid if self.visible_tid != self.client_tid else None
+
+    @property
+    def state(self) -> str:
+        if self.closing_since is not None:
+            return "closing"
+        if self.our_tid is None:
+            return "pending"
+        return "established" if self.established else "bound"
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """An inbound packet of a tunnel that arrived over another client's SA."""
+
+    at: float
+    peer: Peer
+    our_tid: int
+    bound_mark: int
+    seen_mark: int
+    kind: str
+
+
+class Engine:
+    """The tunnel table and the per-packet decision. Not thread-safe; one caller at a time."""
+
+    def __init__(self, config: EngineConfig | None = None, clock: Callable[[], float] = time.monotonic):
+        self.config = config or EngineConfig()
+        self._clock = clock
+        self._by_out: dict[tuple[str, int, int], Tunnel] = {}   # (addr, port, visible tid)
+        self._by_in: dict[tuple[str, int, int], Tunnel] = {}    # (addr, port, LNS tid)
+        self._by_client: dict[tuple[str, int, int, int], Tunnel] = {}  # (addr, port, mark, client tid)
+        self._visible: dict[str, set[int]] = {}                 # addr -> visible tids in use
+        self._per_mark: Counter[int] = Counter()
+        self.counters: Counter[str] = Counter()
+        self.conflicts: deque[Conflict] = deque(maxlen=self.config.conflict_history)
+        self._next_expiry = 0.0
+
+    # ---------------------------------------------------------------- queries
+    def tunnels(self) -> list[Tunnel]:
+        return list(self._by_out.values())
+
+    def __len__(self) -> int:
+        return len(self._by_out)
+
+    def now(self) -> float:
+        return self._clock()
+
+    # ---------------------------------------------------------------- the decision
+    def judge(self, msg: L2tpMessage | Malformed, direction: str, peer: Peer, mark_in: int) -> Decision:
+        """Decide what to do with one L2TP packet (see the module docstring for the semantics)."""
+        now = self._clock()
+        events: tuple[TableEvent, ...] = ()
+        if now >= self._next_expiry:
+            events = tuple(self.expire(now))
+        if isinstance(msg, Malformed):
+            d = Decision(R_MALFORMED, detail=msg.reason)
+        elif direction == OUT:
+            d = self._outbound(msg, peer, mark_in, now)
+        else:
+            d = self._inbound(msg, peer, mark_in, now)
+        self.counters[d.reason] += 1
+        if events:
+            d = replace(d, events=events + d.events)
+        return d
+
+    def _outbound(self, msg: L2tpMessage, peer: Peer, mark_in: int, now: float) -> Decision:
+        t = self._by_out.get((peer.addr, peer.port, msg.tunnel_id))
+        if t is None:
+            return Decision(R_UNKNOWN_TUNNEL)
+        t.last_seen = now
+        t.packets_out += 1
+        mask = self.config.mark_mask
+        mark = (mark_in & ~mask & 0xFFFFFFFF) | t.mark
+        rewrites: tuple[Rewrite, ...] = ()
+        if t.visible_tid != t.client_tid:
+            rewrites = (Rewrite("tunnel_id", msg.tunnel_id_offset, t.visible_tid, t.client_tid,
+                                t.client_tid.to_bytes(2, "big")),)
+        events: tuple[TableEvent, ...] = ()
+        if msg.control:
+            events = self._outbound_control(t, msg, now)
+        reason = R_OWNER if mark == mark_in else R_OWNER_SET
+        return Decision(reason, mark, rewrites, events=events)
+
+    def _outbound_control(self, t: Tunnel, msg: L2tpMessage, now: float) -> tuple[TableEvent, ...]:
+        mt = msg.msg_type
+        if mt == C.SCCRP:
+            our = self._assigned_id(msg, tunnel=True)
+            if our is not None and our != t.our_tid:
+                return self._bind(t, our)
+        elif mt == C.STOPCCN:
+            t.closing_since = t.closing_since or now
+        elif mt in (C.ICRP, C.OCRP):
+            s = t.sessions.get(msg.session_id)
+            our = self._assigned_id(msg, tunnel=False)
+            if s is not None and our is not None:
+                s.our_sid = our
+        elif mt == C.CDN:
+            s = t.sessions.get(msg.session_id)
+            if s is not None:
+                s.closing_since = s.closing_since or now
+        return ()
+
+    def _bind(self, t: Tunnel, our_tid: int) -> tuple[TableEvent, ...]:
+        key = (t.peer.addr, t.peer.port, our_tid)
+        events = []
+        old = self._by_in.get(key)
+        if old is not None and old is not t:
+            # The LNS reused a tunnel ID it had released: the old entry is stale.
+            events.extend(self._release(old))
+        if t.our_tid is not None:
+            self._by_in.pop((t.peer.addr, t.peer.port, t.our_tid), None)
+        t.our_tid = our_tid
+        self._by_in[key] = t
+        events.append(TableEvent("bind", t.peer, t.visible_tid, t.client_tid, our_tid, t.mark))
+        return tuple(events)
+
+    def _inbound(self, msg: L2tpMessage, peer: Peer, mark_in: int, now: float) -> Decision:
+        mark = mark_in & self.config.mark_mask
+        if msg.control and msg.msg_type == C.SCCRQ and msg.tunnel_id == 0:
+            if not mark:
+                return Decision(R_NO_MARK)
+            return self._sccrq(msg, peer, mark, now)
+        t = self._by_in.get((peer.addr, peer.port, msg.tunnel_id))
+        if t is None:
+            return Decision(R_NO_MARK if not mark else R_UNKNOWN_TUNNEL)
+        if mark != t.mark:
+            return self._conflict(t, msg, peer, mark, now)
+        t.last_seen = now
+        t.packets_in += 1
+        if not msg.control:
+            return Decision(R_INBOUND)
+        mt = msg.msg_type
+        rewrites: tuple[Rewrite, ...] = ()
+        if mt == C.SCCCN:
+            t.established = True
+        elif mt == C.STOPCCN:
+            t.closing_since = t.closing_since or now
+            if t.visible_tid != t.client_tid:
+                rewrites = self._alias_rewrite(msg, t)
+        elif mt in (C.ICRQ, C.OCRQ):
+            sid = self._assigned_id(msg, tunnel=False)
+            if sid is not None and sid not in t.sessions:
+                if len(t.sessions) < self.config.max_sessions_per_tunnel:
+                    t.sessions[sid] = Session(sid, None, now, now)
+                else:
+                    self.counters["session_limit"] += 1
+        elif mt == C.CDN:
+            sid = self._assigned_id(msg, tunnel=False)
+            s = t.sessions.get(sid) if sid is not None else None
+            if s is not None:
+                s.closing_since = s.closing_since or now
+        elif msg.session_id:
+            for s in t.sessions.values():
+                if s.our_sid == msg.session_id:
+                    s.last_seen = now
+        return Decision(R_INBOUND, rewrites=rewrites)
+
+    def _conflict(self, t: Tunnel, msg: L2tpMessage, peer: Peer, mark: int, now: float) -> Decision:
+        t.conflicts += 1
+        self.conflicts.append(Conflict(now, peer, t.our_tid or 0, t.mark, mark, msg.kind))
+        detail = (f"peer {peer} tunnel {t.our_tid} is bound to mark {t.mark:#x}, "
+                  f"packet came with mark {mark:#x}")
+        return Decision(R_CONFLICT, drop=self.config.enforce == "drop", detail=detail)
+
+    def _sccrq(self, msg: L2tpMessage, peer: Peer, mark: int, now: float) -> Decision:
+        client_tid = self._assigned_id(msg, tunnel=True)
+        if client_tid is None:
+            return Decision(R_HIDDEN if msg.hidden_tunnel_id else R_MALFORMED,
+                            detail=None if msg.hidden_tunnel_id else "SCCRQ without Assigned Tunnel ID")
+        key = (peer.addr, peer.port, mark, client_tid)
+        t = self._by_client.get(key)
+        if t is not None and t.closing_since is None:
+            t.last_seen = now
+            t.packets_in += 1
+            return Decision(R_RETRANSMIT, rewrites=self._alias_rewrite(msg, t))
+        events: tuple[TableEvent, ...] = ()
+        if len(self._by_out) >= self.config.max_tunnels or self._per_mark[mark] >= self.config.max_tunnels_per_mark:
+            events = tuple(self.expire(now))
+            if not self._make_room(mark):
+                return Decision(R_TABLE_FULL, events=events,
+                                detail=f"{len(self._by_out)} tunnels, {self._per_mark[mark]} for mark {mark:#x}")
+        if t is not None:
+            # Same client, same ID, old tunnel still closing: the client moved on; forget the old one.
+            events += self._release(t)
+        used = self._visible.setdefault(peer.addr, set())
+        visible = client_tid
+        if client_tid in used:
+            visible = self._pick_alias(used)
+            if visible is None:
+                return Decision(R_TABLE_FULL, events=events, detail=f"no free tunnel ID alias for {peer.addr}")
+        t = Tunnel(peer, mark, client_tid, visible, now, now, packets_in=1)
+        used.add(visible)
+        self._by_out[(peer.addr, peer.port, visible)] = t
+        self._by_client[key] = t
+        self._per_mark[mark] += 1
+        if visible == client_tid:
+            return Decision(R_LEARNED, events=events)
+        return Decision(R_ALIASED, rewrites=self._alias_rewrite(msg, t), events=events)
+
+    def _pick_alias(self, used: set[int]) -> int | None:
+        for cand in range(self.config.alias_start, 0, -1):
+            if cand not in used:
+                return cand
+        for cand in range(self.config.alias_start + 1, 0x10000):
+            if cand not in used:
+                return cand
+        return None
+
+    def _make_room(self, mark: int) -> bool:
+        """Evict the least recently seen tunnels that never completed their handshake, if that helps."""
+        def full() -> bool:
+            return (len(self._by_out) >= self.config.max_tunnels
+                    or self._per_mark[mark] >= self.config.max_tunnels_per_mark)
+        if not full():
+            return True
+        per_mark_full = self._per_mark[mark] >= self.config.max_tunnels_per_mark
+        candidates = sorted((t for t in self._by_out.values()
+                             if not t.established and (not per_mark_full or t.mark == mark)),
+                            key=lambda t: t.last_seen)
+        for t in candidates:
+            self._release(t)
+            self.counters["evicted"] += 1
+            if not full():
+                return True
+        return not full()
+
+    def _alias_rewrite(self, msg: L2tpMessage, t: Tunnel) -> tuple[Rewrite, ...]:
+        """Rewrite the Assigned Tunnel ID AVP of an inbound SCCRQ/StopCCN to the tunnel's alias."""
+        if t.visible_tid == t.client_tid or msg.assigned_tunnel_id_offset is None:
+            return ()
+        if not msg.hidden_tunnel_id:
+            return (Rewrite("assigned_tunnel_id", msg.assigned_tunnel_id_offset, msg.assigned_tunnel_id,
+                            t.visible_tid, t.visible_tid.to_bytes(2, "big")),)
+        secret, rv, old = self.config.secret, msg.hidden_tunnel_rv, msg.hidden_tunnel_blob
+        if secret is None or rv is None or old is None:
+            return ()
+        blob = hiding.hide(C.AVP_ASSIGNED_TUNNEL_ID, t.visible_tid.to_bytes(2, "big"), secret, rv,
+                           pad_to=len(old))
+        if len(blob) != len(old):
+            return ()
+        return (Rewrite("assigned_tunnel_id", msg.assigned_tunnel_id_offset, t.client_tid,
+                        t.visible_tid, blob),)
+
+    def _assigned_id(self, msg: L2tpMessage, *, tunnel: bool) -> int | None:
+        """The Assigned Tunnel/Session ID of a control message, revealing a hidden one if we can."""
+        value = msg.assigned_tunnel_id if tunnel else msg.assigned_session_id
+        if value is not None:
+            return value
+        blob = msg.hidden_tunnel_blob if tunnel else msg.hidden_session_blob
+        rv = msg.hidden_tunnel_rv if tunnel else msg.hidden_session_rv
+        if blob is None or rv is None or self.config.secret is None:
+            return None
+        attr = C.AVP_ASSIGNED_TUNNEL_ID if tunnel else C.AVP_ASSIGNED_SESSION_ID
+        try:
+            value = hiding.unhide(attr, blob, self.config.secret, rv)
+        except ValueError:
+            self.counters["hidden_id_undecodable"] += 1
+            return None
+        if len(value) != 2:
+            self.counters["hidden_id_undecodable"] += 1
+            return None
+        return int.from_bytes(value, "big")
+
+    # ---------------------------------------------------------------- expiry
+    def expire(self, now: float | None = None) -> list[TableEvent]:
+        """Release tunnels and sessions whose time is up; returns the release events."""
+        if now is None:
+            now = self._clock()
+        self._next_expiry = now + 1.0
+        cfg = self.config
+        events: list[TableEvent] = []
+        for t in list(self._by_out.values()):
+            if t.closing_since is not None and now - t.closing_since >= cfg.hold_time:
+                events.extend(self._release(t, "released_stopccn"))
+            elif now - t.last_seen >= cfg.idle_timeout:
+                events.extend(self._release(t, "released_idle"))
+            elif t.our_tid is None and now - t.created >= cfg.pending_timeout:
+                events.extend(self._release(t, "released_pending"))
+            else:
+                for sid, s in list(t.sessions.items()):
+                    if s.closing_since is not None and now - s.closing_since >= cfg.hold_time:
+                        del t.sessions[sid]
+                        self.counters["session_released"] += 1
+        return events
+
+    def _release(self, t: Tunnel, why: str | None = None) -> tuple[TableEvent, ...]:
+        addr, port = t.peer.addr, t.peer.port
+        if self._by_out.get((addr, port, t.visible_tid)) is not t:
+            return ()
+        del self._by_out[(addr, port, t.visible_tid)]
+        if self._by_client.get((addr, port, t.mark, t.client_tid)) is t:
+            del self._by_client[(addr, port, t.mark, t.client_tid)]
+        if t.our_tid is not None and self._by_in.get((addr, port, t.our_tid)) is t:
+            del self._by_in[(addr, port, t.our_tid)]
+        used = self._visible.get(addr)
+        if used is not None:
+            used.discard(t.visible_tid)
+            if not used:
+                del self._visible[addr]
+        self._per_mark[t.mark] -= 1
+        if self._per_mark[t.mark] <= 0:
+            del self._per_mark[t.mark]
+        if why:
+            self.counters[why] += 1
+        return (TableEvent("release", t.peer, t.visible_tid, t.client_tid, t.our_tid, t.mark),)
+
+    def clear(self) -> list[TableEvent]:
+        """Forget every tunnel (returns their release events)."""
+        events: list[TableEvent] = []
+        for t in list(self._by_out.values()):
+            events.extend(self._release(t))
+        return events
+
+    # ---------------------------------------------------------------- persistence
+    def export_state(self) -> dict:
+        """A JSON-ready snapshot of the table. Times are stored as ages, so any clock base works."""
+        now = self._clock()
+        tunnels = []
+        for t in self._by_out.values():
+            tunnels.append({
+                "peer_addr": t.peer.addr, "peer_port": t.peer.port, "mark": t.mark,
+                "client_tid": t.client_tid, "visible_tid": t.visible_tid, "our_tid": t.our_tid,
+                "established": t.established,
+                "age": now - t.created, "idle": now - t.last_seen,
+                "closing_for": None if t.closing_since is None else now - t.closing_since,
+                "packets_in": t.packets_in, "packets_out": t.packets_out, "conflicts": t.conflicts,
+                "sessions": [{"client_sid": s.client_sid, "our_sid": s.our_sid, "age": now - s.created,
+                              "idle": now - s.last_seen,
+                              "closing_for": None if s.closing_since is None else now - s.closing_since}
+                             for s in t.sessions.values()],
+            })
+        return {"version": STATE_VERSION, "tunnels": tunnels}
+
+    def import_state(self, state: dict) -> list[TableEvent]:
+        """Load a snapshot made by :meth:`export_state`, replacing the table.
+
+        Raises ``ValueError`` with a clear message for anything that is not a valid snapshot; the
+        table is then left empty. Returns "bind" events for the tunnels whose LNS ID is known.
+        """
+        self.clear()
+        try:
+            tunnels = self._parse_state(state)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"invalid state: {exc}") from exc
+        events: list[TableEvent] = []
+        for t in tunnels:
+            key_out = (t.peer.addr, t.peer.port, t.visible_tid)
+            if key_out in self._by_out:
+                raise_dup = f"duplicate tunnel {t.visible_tid} for {t.peer}"
+                self.clear()
+                raise ValueError(f"invalid state: {raise_dup}")
+            self._by_out[key_out] = t
+            self._by_client[(t.peer.addr, t.peer.port, t.mark, t.client_tid)] = t
+            self._visible.setdefault(t.peer.addr, set()).add(t.visible_tid)
+            self._per_mark[t.mark] += 1
+            if t.our_tid is not None:
+                self._by_in[(t.peer.addr, t.peer.port, t.our_tid)] = t
+                events.append(TableEvent("bind", t.peer, t.visible_tid, t.client_tid, t.our_tid, t.mark))
+        return events
+
+    def _parse_state(self, state: dict) -> list[Tunnel]:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported state version {state.get('version') if isinstance(state, dict) else None!r}")
+        now = self._clock()
+        out = []
+
+        def u16(v, name, optional=False):
+            if v is None and optional:
+                return None
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFF:
+                raise ValueError(f"{name} {v!r} is not a 16-bit ID")
+            return v
+
+        def secs(v, name, optional=False):
+            if v is None and optional:
+                return None
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} {v!r} is not a duration")
+            return float(v)
+
+        for d in state["tunnels"]:
+            mark = d["mark"]
+            if not isinstance(mark, int) or not 0 < mark <= 0xFFFFFFFF:
+                raise ValueError(f"mark {mark!r}")
+            port = d["peer_port"]
+            if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+                raise ValueError(f"peer_port {port!r}")
+            addr = d["peer_addr"]
+            if not isinstance(addr, str) or not addr:
+                raise ValueError(f"peer_addr {addr!r}")
+            closing = secs(d.get("closing_for"), "closing_for", True)
+            t = Tunnel(Peer(addr, port), mark, u16(d["client_tid"], "client_tid"),
+                       u16(d["visible_tid"], "visible_tid"), now - secs(d["age"], "age"),
+                       now - secs(d["idle"], "idle"), u16(d.get("our_tid"), "our_tid", True),
+                       bool(d.get("established", False)),
+                       None if closing is None else now - closing,
+                       int(d.get("packets_in", 0)), int(d.get("packets_out", 0)), int(d.get("conflicts", 0)))
+            for s in d.get("sessions", []):
+                sc = secs(s.get("closing_for"), "closing_for", True)
+                sid = u16(s["client_sid"], "client_sid")
+                t.sessions[sid] = Session(sid, u16(s.get("our_sid"), "our_sid", True),
+                                          now - secs(s["age"], "age"), now - secs(s["idle"], "idle"),
+                                          None if sc is None else now - sc)
+            out.append(t)
+        return out
+
+
+def iter_events(decisions: Iterable[Decision]) -> Iterable[TableEvent]:
+    """All table events of a sequence of decisions, in order."""
+    for d in decisions:
+        yield from d.events
