@@ -8,19 +8,7 @@ import logging
 import sys
 
 from . import __version__
-
-
-def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--mark-mask", type=lambda s: int(s, 0), default=None,
-                   help="bits of the packet mark that carry the SA mark (default 0xffffffff)")
-    g.add_argument("--secret", default=None,
-                   help="L2TP tunnel secret, to reveal and rewrite hidden Assigned Tunnel ID AVPs")
-    g.add_argument("--idle-timeout", type=float, default=None,
-                   help="seconds without a packet before a tunnel is forgotten (default 600)")
-    g.add_argument("--enforce", choices=("off", "log", "drop"), default=None,
-                   help="inbound packets of a tunnel bound to another SA: count and log them (log, "
-                        "default), ignore them (off) or drop them before the LNS sees them (drop)")
+from .config import add_engine_options
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -74,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for captures without marks: file of 'ADDRESS[:PORT] MARK' lines")
     p.add_argument("--write-rewritten", metavar="PCAP",
                    help="write every L2TP packet as it leaves the marker (rewrites applied) to a raw-IP pcap")
-    _add_engine_options(p)
+    add_engine_options(p)
     p.set_defaults(func=_cmd_replay)
 
     for name in ("run", "demo", "lab"):

@@ -107,3 +107,16 @@ def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None 
     if getattr(args, "enforce", None) is not None:
         kw["enforce"] = args.enforce
     return replace(base, **kw) if kw else base
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--mark-mask", type=lambda s: int(s, 0), default=None,
+                   help="bits of the packet mark that carry the SA mark (default 0xffffffff)")
+    g.add_argument("--secret", default=None,
+                   help="L2TP tunnel secret, to reveal and rewrite hidden Assigned Tunnel ID AVPs")
+    g.add_argument("--idle-timeout", type=float, default=None,
+                   help="seconds without a packet before a tunnel is forgotten (default 600)")
+    g.add_argument("--enforce", choices=("off", "log", "drop"), default=None,
+                   help="inbound packets of a tunnel bound to another SA: count and log them (log, "
+                        "default), ignore them (off) or drop them before the LNS sees them (drop)")

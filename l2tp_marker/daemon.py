@@ -1,0 +1,262 @@
+"""``l2tp-marker run``: the live daemon (NFQUEUE adapter around the pure engine).
+
+One thread, one loop: both queues' sockets and a signal wake-up pipe in a selector; timers for
+table expiry and state saves. Each packet's verdict is applied exactly once; any exception while
+judging or applying accepts the packet with the mark and bytes it arrived with (fail open), and is
+logged and counted. On exit (SIGTERM, SIGINT, fatal error) the state is saved and the rules removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+from typing import IO, Callable
+
+from .backends import Backend, BackendError, get_backend
+from .config import DaemonConfig
+from .engine import IN, OUT, Engine, TableEvent
+from .judge import judge_packet, record
+from .rules import RuleSet, build_rules
+from .state import load_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+class DaemonError(Exception):
+    """The daemon cannot start or run (missing capability, queue busy...), with the reason."""
+
+
+def ruleset_for(cfg: DaemonConfig) -> RuleSet:
+    return build_rules(prefix=cfg.chain_prefix, queue_in=cfg.queue_in, queue_out=cfg.queue_out,
+                       mark_mask=cfg.engine.mark_mask, inbound_match=cfg.inbound_match)
+
+
+class PacketHandler:
+    """Judges queued packets and applies verdicts; independent of how packets are received."""
+
+    def __init__(self, engine: Engine, *, decision_log: IO[str] | None = None,
+                 on_events: Callable[[tuple[TableEvent, ...]], None] | None = None,
+                 wallclock: Callable[[], float] = time.time):
+        self.engine = engine
+        self.decision_log = decision_log
+        self.on_events = on_events
+        self.wallclock = wallclock
+        self.stats: Counter[str] = Counter()
+        self.dirty = False
+        self._seq = 0
+
+    def handle(self, pkt, direction: str) -> None:
+        """NetfilterQueue callback body: ``pkt`` offers get_payload/get_mark/set_mark/set_payload/accept/drop."""
+        payload = mark_in = None
+        applied_payload = applied_mark = False
+        try:
+            payload = pkt.get_payload()
+            mark_in = pkt.get_mark()
+            v = judge_packet(self.engine, payload, direction, mark_in)
+            d = v.decision
+            if v.payload is not None:
+                pkt.set_payload(v.payload)
+                applied_payload = True
+            if d.mark is not None and d.mark != mark_in:
+                pkt.set_mark(d.mark)
+                applied_mark = True
+            if d.drop:
+                pkt.drop()
+                self.stats[f"{direction}_dropped"] += 1
+            else:
+                pkt.accept()
+                self.stats[f"{direction}_accepted"] += 1
+            if v.message is not None and (d.events or d.rewrites or getattr(v.message, "control", False)):
+                self.dirty = True
+            if d.events and self.on_events is not None:
+                self.on_events(d.events)
+            if self.decision_log is not None and v.datagram is not None and d.reason != "not_l2tp":
+                self._seq += 1
+                rec = record(self._seq, v)
+                rec["ts"] = self.wallclock()
+                self.decision_log.write(json.dumps(rec) + "\n")
+        except Exception:
+            self.stats["errors"] += 1
+            self.engine.counters["error"] += 1
+            log.exception("error while judging a %s packet; accepting it unchanged", direction)
+            self._fail_open(pkt, payload, mark_in, applied_payload, applied_mark)
+
+    def _fail_open(self, pkt, payload, mark_in, applied_payload, applied_mark) -> None:
+        try:
+            if applied_payload and payload is not None:
+                pkt.set_payload(payload)
+            if applied_mark and mark_in is not None:
+                pkt.set_mark(mark_in)
+            pkt.accept()
+        except Exception:  # the verdict may already have been given; nothing more can be done
+            log.debug("verdict already sent for the failed packet", exc_info=True)
+
+
+class Daemon:
+    """Owns the queues, the rules, the state file and the loop."""
+
+    def __init__(self, cfg: DaemonConfig, *, backend: Backend | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        self.engine = Engine(cfg.engine, clock=clock)
+        self.backend = backend or get_backend(cfg.backend)
+        self.ruleset = ruleset_for(cfg)
+        self._log_file: IO[str] | None = None
+        self.handler = PacketHandler(self.engine, on_events=self._events)
+        self._queues: list = []
+        self._stop = False
+        self._wake_r = self._wake_w = None
+
+    # ---------------------------------------------------------------- events
+    def _events(self, events: tuple[TableEvent, ...]) -> None:
+        for e in events:
+            log.info("%s tunnel peer %s client-tid %d visible-tid %d gateway-tid %s mark %#x",
+                     e.kind, e.peer, e.client_tid, e.visible_tid, e.our_tid, e.mark)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        ok, why = self.backend.is_supported()
+        if not ok:
+            raise DaemonError(f"firewall backend {self.backend.name}: {why}")
+        events = load_state(self.engine, self.cfg.state_file)
+        if events:
+            self._events(tuple(events))
+        if self.cfg.decision_log is not None:
+            self.cfg.decision_log.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.cfg.decision_log, "a", buffering=1)
+            self.handler.decision_log = self._log_file
+        self._bind_queues()
+        try:
+            self.backend.install(self.ruleset)
+        except BackendError:
+            self._unbind_queues()
+            raise
+        log.info("rules installed (%s, chains %s); queues in=%d out=%d; %d tunnels in table",
+                 self.backend.name, ", ".join(self.ruleset.chains), self.cfg.queue_in,
+                 self.cfg.queue_out, len(self.engine))
+
+    def _bind_queues(self) -> None:
+        from netfilterqueue import NetfilterQueue  # noqa: PLC0415 - C extension, only on the live path
+
+        for num, direction in ((self.cfg.queue_in, IN), (self.cfg.queue_out, OUT)):
+            q = NetfilterQueue()
+            try:
+                q.bind(num, (lambda d: lambda p: self.handler.handle(p, d))(direction),
+                       max_len=self.cfg.queue_maxlen)
+            except OSError as exc:
+                self._unbind_queues()
+                raise DaemonError(f"cannot bind NFQUEUE {num} ({exc}); is another instance running?") from exc
+            self._queues.append((q, direction))
+
+    def _unbind_queues(self) -> None:
+        for q, _ in self._queues:
+            try:
+                q.unbind()
+            except Exception:
+                log.debug("unbind failed", exc_info=True)
+        self._queues.clear()
+
+    def stop(self) -> None:
+        """Save state, remove rules, release the queues. Safe to call twice; every step is tried."""
+        try:
+            self.save()
+        except OSError as exc:
+            log.error("could not save state to %s: %s", self.cfg.state_file, exc)
+        try:
+            self.backend.remove(self.ruleset)
+            log.info("rules removed")
+        except BackendError as exc:
+            log.error("%s", exc)
+        finally:
+            self._unbind_queues()
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+                self.handler.decision_log = None
+
+    def save(self) -> None:
+        save_state(self.engine, self.cfg.state_file)
+        self.handler.dirty = False
+
+    def request_stop(self, *_: object) -> None:
+        self._stop = True
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
+    # ---------------------------------------------------------------- loop
+    def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Start, serve until asked to stop, then stop. Installs SIGTERM/SIGINT handlers."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            if ready is not None:
+                ready()
+            self._loop()
+        finally:
+            self.stop()
+            for s, h in old.items():
+                signal.signal(s, h)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._wake_r = self._wake_w = None
+
+    def _loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        for q, direction in self._queues:
+            sel.register(q.get_fd(), selectors.EVENT_READ, q)
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        next_save = time.monotonic() + self.cfg.state_interval
+        next_expire = time.monotonic() + 1.0
+        try:
+            while not self._stop:
+                timeout = max(0.0, min(next_save, next_expire) - time.monotonic())
+                for key, _ in sel.select(timeout):
+                    if key.data is None:
+                        try:
+                            self._wake_r.recv(64)
+                        except BlockingIOError:
+                            pass
+                        continue
+                    key.data.run(block=False)
+                now = time.monotonic()
+                if now >= next_expire:
+                    events = self.engine.expire()
+                    if events:
+                        self.handler.dirty = True
+                        self._events(tuple(events))
+                    next_expire = now + 1.0
+                if now >= next_save:
+                    if self.handler.dirty:
+                        try:
+                            self.save()
+                        except OSError as exc:
+                            log.error("could not save state to %s: %s", self.cfg.state_file, exc)
+                    next_save = now + self.cfg.state_interval
+        finally:
+            sel.close()
+
+
+def run_daemon(cfg: DaemonConfig) -> int:
+    d = Daemon(cfg)
+    try:
+        d.run(ready=lambda: log.info("l2tp-marker ready (pid %d)", os.getpid()))
+    except (DaemonError, BackendError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+__all__ = ["Daemon", "DaemonError", "PacketHandler", "run_daemon", "ruleset_for", "Path"]
