@@ -160,6 +160,8 @@ def replay(source: str | Path | IO[bytes], *, gateway: str | None = None,
             continue
         if p.mark is not None:
             mark_in = p.mark
+        elif p.hook is not None:
+            mark_in = 0  # NFLOG leaves the mark attribute out when the mark is 0
         elif direction == IN:
             mark_in = mark_source.inbound(dg.src, dg.sport)
         else:
@@ -170,7 +172,7 @@ def replay(source: str | Path | IO[bytes], *, gateway: str | None = None,
             continue
         seen["l2tp"] += 1
         rec = record(p.no, v)
-        rec["mark_in"] = p.mark
+        rec["mark_in"] = mark_in if p.hook is not None else p.mark
         rec["ts"] = p.ts
         if v.payload is not None:
             dg2 = codec.parse_ip_udp(v.payload)
