@@ -1,0 +1,207 @@
+"""The live daemon on a real NFQUEUE in a private namespace, over loopback.
+
+Two "clients" share one address (127.0.0.2:1701) and differ only in the socket mark they send with
+(SO_MARK plays the decrypting SA); the "LNS" is a plain socket on 127.0.0.1:1701. This checks the
+daemon's real netfilter path without xl2tpd: alias rewrite on the way in, restore and re-mark on the
+way out (counted by mark in POSTROUTING), state across a restart, fail-open after SIGKILL and a clean
+restart over the leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from l2tp_marker import constants as C
+from l2tp_marker.layers import AVPAssignedTunnelID, AVPHostName, AVPMessageType, AVPProtocolVersion, L2TPv2
+
+from .nsutil import require_root_netns
+
+pytestmark = [pytest.mark.lab, require_root_netns()]
+
+ROOT = Path(__file__).resolve().parents[2]
+LNS = ("127.0.0.1", 1701)
+CLIENT = ("127.0.0.2", 1701)
+
+
+def ns_run(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, check=check)
+
+
+class Agent:
+    def __init__(self, ns: str):
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(Path(__file__).with_name("nsagent.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        assert "error" not in reply, reply
+        return reply
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Marker:
+    def __init__(self, ns: str, tmp: Path):
+        self.ns, self.tmp = ns, tmp
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.stderr = open(self.tmp / "marker.log", "ab")
+        offset = self.stderr.tell()
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, str(ROOT / ".venv/bin/l2tp-marker"), "--log-level", "debug", "run",
+             "--inbound-match", "none", "--queue-in", "11", "--queue-out", "12",
+             "--state-file", str(self.tmp / "state.json"), "--decision-log", str(self.tmp / "decisions.jsonl")],
+            stdout=subprocess.DEVNULL, stderr=self.stderr)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if "ready" in (self.tmp / "marker.log").read_text(errors="replace")[offset:]:
+                return
+            assert self.proc.poll() is None, (self.tmp / "marker.log").read_text()
+            time.sleep(0.05)
+        raise AssertionError("daemon did not become ready: " + (self.tmp / "marker.log").read_text())
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(10)
+        self.proc = None
+        self.stderr.close()
+        return rc
+
+    def kill_if_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    ns = f"l2mt-{os.getpid()}"
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    agent = marker = None
+    try:
+        ns_run(ns, "ip", "link", "set", "lo", "up")
+        for mark in (1, 2):
+            ns_run(ns, "iptables-legacy", "-t", "mangle", "-A", "POSTROUTING", "-p", "udp", "--sport", "1701",
+                   "-d", CLIENT[0], "-m", "mark", "--mark", str(mark))
+        agent = Agent(ns)
+        agent(op="bind", name="lns", addr=LNS[0], port=LNS[1])
+        agent(op="bind", name="client", addr=CLIENT[0], port=CLIENT[1])
+        marker = Marker(ns, tmp_path)
+        yield ns, agent, marker
+    finally:
+        if marker is not None:
+            marker.kill_if_running()
+        if agent is not None:
+            agent.close()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def sccrq(tid: int) -> str:
+    return bytes(L2TPv2(tunnel_id=0, avps=[AVPMessageType(msg_type=C.SCCRQ), AVPProtocolVersion(),
+                                           AVPHostName(hostname=b"win"), AVPAssignedTunnelID(tunnel_id=tid)])).hex()
+
+
+def sccrp(to_tid: int, our_tid: int) -> str:
+    return bytes(L2TPv2(tunnel_id=to_tid, avps=[AVPMessageType(msg_type=C.SCCRP), AVPProtocolVersion(),
+                                                AVPHostName(hostname=b"gw"), AVPAssignedTunnelID(tunnel_id=our_tid)])).hex()
+
+
+def data(to_tid: int) -> str:
+    return bytes(L2TPv2(t=0, l=0, s=0, tunnel_id=to_tid, session_id=1) / b"\xff\x03\xc0\x21\x09\x01\x00\x04").hex()
+
+
+def counts(ns: str) -> dict[int, int]:
+    out = ns_run(ns, "iptables-legacy", "-t", "mangle", "-L", "POSTROUTING", "-v", "-n", "-x").stdout
+    res = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(\d+)\s+\d+\s+.*mark match 0x([0-9a-f]+)", line)
+        if m:
+            res[int(m.group(2), 16)] = int(m.group(1))
+    return res
+
+
+def marker_rules(ns: str) -> list[str]:
+    return [l for l in ns_run(ns, "iptables-legacy", "-t", "mangle", "-S").stdout.splitlines() if "L2TP-MARKER" in l]
+
+
+def recv_tid(agent: Agent, name: str) -> int:
+    r = agent(op="recv", name=name, timeout=3)
+    assert "hex" in r, f"{name} received nothing"
+    return L2TPv2(bytes.fromhex(r["hex"])).tunnel_id
+
+
+def recv_sccrq_tid(agent: Agent) -> int:
+    r = agent(op="recv", name="lns", timeout=3)
+    assert "hex" in r
+    pkt = L2TPv2(bytes.fromhex(r["hex"]))
+    return next(a.tunnel_id for a in pkt.avps if isinstance(a, AVPAssignedTunnelID))
+
+
+def test_alias_remark_restart_and_sigkill_fallback(lab):
+    ns, agent, marker = lab
+    marker.start()
+    rules = marker_rules(ns)
+    assert len(rules) == 6 and all("--queue-bypass" in r for r in rules if "NFQUEUE" in r)
+
+    # Client A (mark 1) and client B (mark 2) both offer tunnel ID 1.
+    agent(op="send", name="client", to=list(LNS), hex=sccrq(1), mark=1)
+    assert recv_sccrq_tid(agent) == 1
+    agent(op="send", name="client", to=list(LNS), hex=sccrq(1), mark=2)
+    assert recv_sccrq_tid(agent) == 0xFFFF  # the LNS sees B's tunnel under an alias
+
+    # The LNS answers both; B's answer goes to the alias and must come back as tunnel 1 on mark 2.
+    agent(op="send", name="lns", to=list(CLIENT), hex=sccrp(1, 100))
+    assert recv_tid(agent, "client") == 1
+    agent(op="send", name="lns", to=list(CLIENT), hex=sccrp(0xFFFF, 200))
+    assert recv_tid(agent, "client") == 1
+    assert counts(ns) == {1: 1, 2: 1}
+
+    # Restart: state comes back, B's data still restored and marked 2.
+    assert marker.stop() == 0
+    assert marker_rules(ns) == []
+    marker.start()
+    agent(op="send", name="lns", to=list(CLIENT), hex=data(0xFFFF))
+    assert recv_tid(agent, "client") == 1
+    assert counts(ns) == {1: 1, 2: 2}
+
+    # SIGKILL: rules stay, bypass lets traffic through unjudged (plain connmark behaviour).
+    marker.stop(signal.SIGKILL)
+    assert len(marker_rules(ns)) == 6
+    agent(op="send", name="lns", to=list(CLIENT), hex=data(1))
+    assert recv_tid(agent, "client") == 1
+    assert counts(ns) == {1: 1, 2: 2}  # nobody marked it
+
+    # The next start cleans the leftovers without duplicating them and judges again.
+    marker.start()
+    assert len(marker_rules(ns)) == 6
+    agent(op="send", name="lns", to=list(CLIENT), hex=data(1))
+    assert recv_tid(agent, "client") == 1
+    assert counts(ns) == {1: 2, 2: 2}
+    assert marker.stop() == 0
+    assert marker_rules(ns) == []
+
+    log = [json.loads(l) for l in (marker.tmp / "decisions.jsonl").read_text().splitlines()]
+    aliased = [r for r in log if r["reason"] == "sccrq_aliased"]
+    assert len(aliased) == 1 and aliased[0]["rewrite"] == {"assigned_tunnel_id": 0xFFFF}
+    assert {"no", "dir", "peer", "kind", "tunnel", "session", "mark_in", "mark", "rewrite", "reason"} <= set(log[0])
