@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(p)
     p.set_defaults(func=_cmd_replay)
 
-    for name in ("run", "demo", "lab"):
+    for name in ("run", "status", "demo", "lab"):
         _register_optional(sub, name)
     return parser
 

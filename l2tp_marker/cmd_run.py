@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--state-file", type=Path, help="where the table is saved across restarts "
                                                    "(default /var/lib/l2tp-marker/state.json)")
     p.add_argument("--decision-log", type=Path, help="append a JSON line per judged L2TP packet here")
+    p.add_argument("--control-socket", type=Path,
+                   help="Unix socket for `status` (default /run/l2tp-marker/control.sock)")
     add_engine_options(p)
     p.set_defaults(func=_cmd_run)
 
@@ -37,7 +39,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
         over = {k: getattr(args, k) for k in ("queue_in", "queue_out", "inbound_match", "chain_prefix",
-                                               "state_file", "decision_log") if getattr(args, k) is not None}
+                                               "state_file", "decision_log", "control_socket") if getattr(args, k) is not None}
         cfg = replace(cfg, engine=engine_config_from_args(args, cfg.engine), **over)
     except (ConfigError, ValueError) as exc:
         print(f"l2tp-marker run: {exc}", file=sys.stderr)

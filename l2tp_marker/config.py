@@ -33,6 +33,7 @@ class DaemonConfig:
     state_file: Path = Path("/var/lib/l2tp-marker/state.json")
     state_interval: float = 2.0
     decision_log: Path | None = None
+    control_socket: Path = Path("/run/l2tp-marker/control.sock")
     log_level: str = "info"
     queue_maxlen: int = 4096
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -82,7 +83,7 @@ def config_from_dict(data: dict, where: str = "config") -> DaemonConfig:
         raise ConfigError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
     kw = dict(data)
     kw.pop("engine", None)
-    for k in ("state_file", "decision_log"):
+    for k in ("state_file", "decision_log", "control_socket"):
         if kw.get(k) is not None:
             kw[k] = Path(kw[k]) if kw[k] != "" else None
     ekw = dict(engine_data)

@@ -21,6 +21,7 @@ from typing import IO, Callable
 
 from .backends import Backend, BackendError, get_backend
 from .config import DaemonConfig
+from .control import ControlServer, status_snapshot
 from .engine import IN, OUT, Engine, TableEvent
 from .judge import judge_packet, record
 from .rules import RuleSet, build_rules
@@ -111,6 +112,8 @@ class Daemon:
         self._log_file: IO[str] | None = None
         self.handler = PacketHandler(self.engine, on_events=self._events)
         self._queues: list = []
+        self._control: ControlServer | None = None
+        self._started = time.time()
         self._stop = False
         self._wake_r = self._wake_w = None
 
@@ -138,9 +141,24 @@ class Daemon:
         except BackendError:
             self._unbind_queues()
             raise
+        try:
+            self._control = ControlServer(self.cfg.control_socket, self._control_request)
+        except OSError as exc:
+            log.error("control socket %s unusable (%s); `status` will not work", self.cfg.control_socket, exc)
         log.info("rules installed (%s, chains %s); queues in=%d out=%d; %d tunnels in table",
                  self.backend.name, ", ".join(self.ruleset.chains), self.cfg.queue_in,
                  self.cfg.queue_out, len(self.engine))
+
+    def _control_request(self, req: dict) -> dict:
+        if req.get("cmd") != "status":
+            return {"error": f"unknown command {req.get('cmd')!r}"}
+        return status_snapshot(self.engine, stats=dict(self.handler.stats), extra={
+            "daemon": {"pid": os.getpid(), "uptime": round(time.time() - self._started, 1),
+                       "queues": {"in": self.cfg.queue_in, "out": self.cfg.queue_out},
+                       "backend": self.backend.name, "chains": list(self.ruleset.chains),
+                       "state_file": str(self.cfg.state_file)},
+            "rule_problems": self.backend.check(self.ruleset),
+        })
 
     def _bind_queues(self) -> None:
         from netfilterqueue import NetfilterQueue  # noqa: PLC0415 - C extension, only on the live path
@@ -176,6 +194,9 @@ class Daemon:
             log.error("%s", exc)
         finally:
             self._unbind_queues()
+            if self._control is not None:
+                self._control.close()
+                self._control = None
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
@@ -218,6 +239,8 @@ class Daemon:
         for q, direction in self._queues:
             sel.register(q.get_fd(), selectors.EVENT_READ, q)
         sel.register(self._wake_r, selectors.EVENT_READ, None)
+        if self._control is not None:
+            sel.register(self._control, selectors.EVENT_READ, self._control)
         next_save = time.monotonic() + self.cfg.state_interval
         next_expire = time.monotonic() + 1.0
         try:
@@ -230,7 +253,10 @@ class Daemon:
                         except BlockingIOError:
                             pass
                         continue
-                    key.data.run(block=False)
+                    if key.data is self._control:
+                        self._control.serve_one()
+                    else:
+                        key.data.run(block=False)
                 now = time.monotonic()
                 if now >= next_expire:
                     events = self.engine.expire()

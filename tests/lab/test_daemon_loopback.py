@@ -68,7 +68,8 @@ class Marker:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, str(ROOT / ".venv/bin/l2tp-marker"), "--log-level", "debug", "run",
              "--inbound-match", "none", "--queue-in", "11", "--queue-out", "12",
-             "--state-file", str(self.tmp / "state.json"), "--decision-log", str(self.tmp / "decisions.jsonl")],
+             "--state-file", str(self.tmp / "state.json"), "--decision-log", str(self.tmp / "decisions.jsonl"),
+             "--control-socket", str(self.tmp / "ctl.sock")],
             stdout=subprocess.DEVNULL, stderr=self.stderr)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -177,6 +178,17 @@ def test_alias_remark_restart_and_sigkill_fallback(lab):
     assert recv_tid(agent, "client") == 1
     assert counts(ns) == {1: 1, 2: 1}
 
+    # `status` shows what the daemon knows, as JSON and as a table.
+    st = json.loads(subprocess.run([str(ROOT / ".venv/bin/l2tp-marker"), "status", "--json", "--socket",
+                                    str(marker.tmp / "ctl.sock")], capture_output=True, text=True, check=True).stdout)
+    assert st["rule_problems"] == []
+    assert sorted((t["mark"], t["client_tid"], t["alias"], t["gateway_tid"]) for t in st["tunnels"]) == [
+        (1, 1, None, 100), (2, 1, 0xFFFF, 200)]
+    assert st["counters"]["sccrq_aliased"] == 1
+    table = subprocess.run([str(ROOT / ".venv/bin/l2tp-marker"), "status", "--socket", str(marker.tmp / "ctl.sock")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "2 tunnel(s)" in table and "65535" in table and "rules OK" in table
+
     # Restart: state comes back, B's data still restored and marked 2.
     assert marker.stop() == 0
     assert marker_rules(ns) == []
@@ -200,6 +212,10 @@ def test_alias_remark_restart_and_sigkill_fallback(lab):
     assert counts(ns) == {1: 2, 2: 2}
     assert marker.stop() == 0
     assert marker_rules(ns) == []
+    assert not (marker.tmp / "ctl.sock").exists()
+    r = subprocess.run([str(ROOT / ".venv/bin/l2tp-marker"), "status", "--socket", str(marker.tmp / "ctl.sock")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "no l2tp-marker daemon is running" in r.stderr
 
     log = [json.loads(l) for l in (marker.tmp / "decisions.jsonl").read_text().splitlines()]
     aliased = [r for r in log if r["reason"] == "sccrq_aliased"]
