@@ -18,6 +18,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     try:
         marks = MarkPolicy.from_file(args.marks) if args.marks else MarkPolicy(args.mark_by)
+    except OSError as exc:
+        print(f"l2tp-marker replay: cannot read marks file {args.marks}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ReplayError as exc:
+        print(f"l2tp-marker replay: {exc}", file=sys.stderr)
+        return 2
+    try:
         result = replay(args.capture, gateway=args.gateway, marks=marks,
                         config=engine_config_from_args(args))
     except (ReplayError, CaptureError, ValueError) as exc:
@@ -27,7 +34,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(f"l2tp-marker replay: cannot read {args.capture}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     if args.write_rewritten:
-        write_pcap(args.write_rewritten, result.rewritten, LINKTYPE_RAW)
+        try:
+            write_pcap(args.write_rewritten, result.rewritten, LINKTYPE_RAW)
+        except OSError as exc:
+            print(f"l2tp-marker replay: cannot write {args.write_rewritten}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     if args.json:
         write_json(result, sys.stdout)
     else:

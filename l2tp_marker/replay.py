@@ -175,13 +175,18 @@ def replay(source: str | Path | IO[bytes], *, gateway: str | None = None,
         rec["mark_in"] = mark_in if p.hook is not None else p.mark
         rec["ts"] = p.ts
         if v.payload is not None:
+            # A capture taken where the kernel had not finished the checksum (offload, NFLOG at
+            # LOCAL_OUT) holds a partial one; the rewrite keeps it exactly as (in)valid: say null.
             dg2 = codec.parse_ip_udp(v.payload)
-            rec["checksum_ok"] = isinstance(dg2, codec.UdpDatagram) and codec.udp_checksum_ok(v.payload, dg2)
+            rec["checksum_ok"] = (codec.udp_checksum_ok(v.payload, dg2)
+                                  if codec.udp_checksum_ok(p.ip, v.datagram) else None)
             rewritten.append((p.ts, v.payload))
         else:
             rewritten.append((p.ts, p.ip))
         if isinstance(v.message, Malformed):
             malformed.append({"no": p.no, "reason": v.message.reason})
+        elif v.decision.reason == "malformed":
+            malformed.append({"no": p.no, "reason": v.decision.detail or "malformed"})
         records.append(rec)
         if v.peer:
             peers.add(str(v.peer))
