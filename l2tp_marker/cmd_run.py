@@ -26,6 +26,10 @@ def register(sub) -> None:
     p.add_argument("--state-file", type=Path, help="where the table is saved across restarts "
                                                    "(default /var/lib/l2tp-marker/state.json)")
     p.add_argument("--decision-log", type=Path, help="append a JSON line per judged L2TP packet here")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
+    p.add_argument("--metrics-textfile", type=Path, help="write Prometheus metrics to this textfile")
+    p.add_argument("--metrics-interval", type=float, help="seconds between textfile writes (default 15)")
+    p.add_argument("--repair-interval", type=float, help="seconds between rule checks (default 5)")
     p.add_argument("--control-socket", type=Path,
                    help="Unix socket for `status` (default /run/l2tp-marker/control.sock)")
     add_engine_options(p)
@@ -39,7 +43,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
         over = {k: getattr(args, k) for k in ("queue_in", "queue_out", "inbound_match", "chain_prefix",
-                                               "state_file", "decision_log", "control_socket") if getattr(args, k) is not None}
+                                               "state_file", "decision_log", "control_socket",
+                                               "metrics_listen", "metrics_textfile", "metrics_interval",
+                                               "repair_interval") if getattr(args, k) is not None}
         cfg = replace(cfg, engine=engine_config_from_args(args, cfg.engine), **over)
     except (ConfigError, ValueError) as exc:
         print(f"l2tp-marker run: {exc}", file=sys.stderr)

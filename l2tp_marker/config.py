@@ -36,6 +36,10 @@ class DaemonConfig:
     control_socket: Path = Path("/run/l2tp-marker/control.sock")
     log_level: str = "info"
     queue_maxlen: int = 4096
+    repair_interval: float = 5.0
+    metrics_listen: str | None = None
+    metrics_textfile: Path | None = None
+    metrics_interval: float = 15.0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -51,8 +55,16 @@ class DaemonConfig:
             raise ConfigError(f"backend {self.backend!r} is not known (iptables-legacy)")
         if not self.chain_prefix or len(self.chain_prefix) > 20 or not self.chain_prefix.replace("-", "").isalnum():
             raise ConfigError("chain_prefix must be 1-20 letters, digits or dashes")
-        if self.state_interval <= 0:
-            raise ConfigError("state_interval must be positive")
+        for name in ("state_interval", "repair_interval", "metrics_interval"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        if self.metrics_listen is not None:
+            from .metrics import parse_listen  # noqa: PLC0415
+
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 _ENGINE_KEYS = {f.name for f in fields(EngineConfig)}
@@ -83,7 +95,10 @@ def config_from_dict(data: dict, where: str = "config") -> DaemonConfig:
         raise ConfigError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
     kw = dict(data)
     kw.pop("engine", None)
-    for k in ("state_file", "decision_log", "control_socket"):
+    for k in ("metrics_listen",):
+        if kw.get(k) == "":
+            kw[k] = None
+    for k in ("state_file", "decision_log", "control_socket", "metrics_textfile"):
         if kw.get(k) is not None:
             kw[k] = Path(kw[k]) if kw[k] != "" else None
     ekw = dict(engine_data)

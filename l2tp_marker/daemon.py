@@ -22,6 +22,7 @@ from typing import IO, Callable
 from .backends import Backend, BackendError, get_backend
 from .config import DaemonConfig
 from .control import ControlServer, status_snapshot
+from .metrics import MetricsServer, read_queue_stats, render, write_textfile
 from .engine import IN, OUT, Engine, TableEvent
 from .judge import judge_packet, record
 from .rules import RuleSet, build_rules
@@ -50,6 +51,7 @@ class PacketHandler:
         self.on_events = on_events
         self.wallclock = wallclock
         self.stats: Counter[str] = Counter()
+        self.by_dir_reason: Counter[tuple[str, str]] = Counter()
         self.dirty = False
         self._seq = 0
 
@@ -62,6 +64,7 @@ class PacketHandler:
             mark_in = pkt.get_mark()
             v = judge_packet(self.engine, payload, direction, mark_in)
             d = v.decision
+            self.by_dir_reason[(direction, d.reason)] += 1
             if v.payload is not None:
                 pkt.set_payload(v.payload)
                 applied_payload = True
@@ -113,6 +116,8 @@ class Daemon:
         self.handler = PacketHandler(self.engine, on_events=self._events)
         self._queues: list = []
         self._control: ControlServer | None = None
+        self._metrics: MetricsServer | None = None
+        self.counters: Counter[str] = Counter()
         self._started = time.time()
         self._stop = False
         self._wake_r = self._wake_w = None
@@ -145,9 +150,31 @@ class Daemon:
             self._control = ControlServer(self.cfg.control_socket, self._control_request)
         except OSError as exc:
             log.error("control socket %s unusable (%s); `status` will not work", self.cfg.control_socket, exc)
+        if self.cfg.metrics_listen:
+            try:
+                self._metrics = MetricsServer(self.cfg.metrics_listen, self.metrics_text)
+                log.info("metrics on http://%s:%d/metrics", *self._metrics.address)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s: %s", self.cfg.metrics_listen, exc)
         log.info("rules installed (%s, chains %s); queues in=%d out=%d; %d tunnels in table",
                  self.backend.name, ", ".join(self.ruleset.chains), self.cfg.queue_in,
                  self.cfg.queue_out, len(self.engine))
+
+    def metrics_text(self) -> str:
+        return render(self.engine, by_dir_reason=dict(self.handler.by_dir_reason),
+                      daemon_counters={**self.counters, "errors": self.handler.stats.get("errors", 0)},
+                      queues={"in": self.cfg.queue_in, "out": self.cfg.queue_out},
+                      queue_stats=read_queue_stats())
+
+    def check_rules(self) -> bool:
+        """Put the rules back if something removed or changed them; True if a repair was needed."""
+        problems = self.backend.check(self.ruleset)
+        if not problems:
+            return False
+        log.warning("rules damaged (%s); reinstalling", "; ".join(problems))
+        self.backend.install(self.ruleset)
+        self.counters["rule_repairs"] += 1
+        return True
 
     def _control_request(self, req: dict) -> dict:
         if req.get("cmd") != "status":
@@ -158,6 +185,7 @@ class Daemon:
                        "backend": self.backend.name, "chains": list(self.ruleset.chains),
                        "state_file": str(self.cfg.state_file)},
             "rule_problems": self.backend.check(self.ruleset),
+            "rule_repairs": self.counters.get("rule_repairs", 0),
         })
 
     def _bind_queues(self) -> None:
@@ -183,6 +211,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Save state, remove rules, release the queues. Safe to call twice; every step is tried."""
+        sd_notify("STOPPING=1")
         try:
             self.save()
         except OSError as exc:
@@ -194,9 +223,10 @@ class Daemon:
             log.error("%s", exc)
         finally:
             self._unbind_queues()
-            if self._control is not None:
-                self._control.close()
-                self._control = None
+            for srv in (self._control, self._metrics):
+                if srv is not None:
+                    srv.close()
+            self._control = self._metrics = None
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
@@ -239,13 +269,17 @@ class Daemon:
         for q, direction in self._queues:
             sel.register(q.get_fd(), selectors.EVENT_READ, q)
         sel.register(self._wake_r, selectors.EVENT_READ, None)
-        if self._control is not None:
-            sel.register(self._control, selectors.EVENT_READ, self._control)
-        next_save = time.monotonic() + self.cfg.state_interval
-        next_expire = time.monotonic() + 1.0
+        for srv in (self._control, self._metrics):
+            if srv is not None:
+                sel.register(srv, selectors.EVENT_READ, srv)
+        start = time.monotonic()
+        next_save = start + self.cfg.state_interval
+        next_expire = start + 1.0
+        next_repair = start + self.cfg.repair_interval
+        next_textfile = start if self.cfg.metrics_textfile else float("inf")
         try:
             while not self._stop:
-                timeout = max(0.0, min(next_save, next_expire) - time.monotonic())
+                timeout = max(0.0, min(next_save, next_expire, next_repair, next_textfile) - time.monotonic())
                 for key, _ in sel.select(timeout):
                     if key.data is None:
                         try:
@@ -253,8 +287,8 @@ class Daemon:
                         except BlockingIOError:
                             pass
                         continue
-                    if key.data is self._control:
-                        self._control.serve_one()
+                    if isinstance(key.data, (ControlServer, MetricsServer)):
+                        key.data.serve_one()
                     else:
                         key.data.run(block=False)
                 now = time.monotonic()
@@ -264,6 +298,18 @@ class Daemon:
                         self.handler.dirty = True
                         self._events(tuple(events))
                     next_expire = now + 1.0
+                if now >= next_repair:
+                    try:
+                        self.check_rules()
+                    except BackendError as exc:
+                        log.error("rule repair failed: %s", exc)
+                    next_repair = now + self.cfg.repair_interval
+                if now >= next_textfile:
+                    try:
+                        write_textfile(self.cfg.metrics_textfile, self.metrics_text())
+                    except OSError as exc:
+                        log.error("cannot write metrics to %s: %s", self.cfg.metrics_textfile, exc)
+                    next_textfile = now + self.cfg.metrics_interval
                 if now >= next_save:
                     if self.handler.dirty:
                         try:
@@ -275,10 +321,32 @@ class Daemon:
             sel.close()
 
 
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) about readiness/stopping; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+        return True
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+        return False
+
+
+def _ready() -> None:
+    log.info("l2tp-marker ready (pid %d)", os.getpid())
+    sd_notify("READY=1\nSTATUS=judging L2TP packets")
+
+
 def run_daemon(cfg: DaemonConfig) -> int:
     d = Daemon(cfg)
     try:
-        d.run(ready=lambda: log.info("l2tp-marker ready (pid %d)", os.getpid()))
+        d.run(ready=_ready)
     except (DaemonError, BackendError) as exc:
         log.error("%s", exc)
         return 1

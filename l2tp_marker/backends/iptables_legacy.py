@@ -6,13 +6,37 @@ install is applied atomically: either every rule and jump is there, or none.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import time
 
 from ..rules import Rule, RuleSet
 from . import BackendError
 
 log = logging.getLogger(__name__)
+
+XTABLES_LOCK = "/run/xtables.lock"
+
+
+@contextlib.contextmanager
+def xtables_lock(path: str = XTABLES_LOCK, wait: float = 10.0):
+    """Hold the lock iptables-legacy takes, so our table commit and another tool's never interleave."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BackendError(f"another program holds {path} for more than {wait:g} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _iptc():
@@ -103,32 +127,37 @@ class IptablesLegacyBackend:
     def install(self, ruleset: RuleSet) -> None:
         iptc = _iptc()
         try:
-            t = self._table(ruleset.table)
-            leftovers = self._strip(t, ruleset)
-            if leftovers:
-                log.info("removed %d leftover rules/chains of an earlier run", leftovers)
-            for name in ruleset.chains:
-                t.create_chain(name)
-            for rule in ruleset.rules:
-                iptc.Chain(t, rule.chain).append_rule(to_iptc(rule))
-            for jump in ruleset.jumps:
-                iptc.Chain(t, jump.chain).append_rule(to_iptc(jump))
-            t.commit()
-            t.refresh()
-            t.autocommit = True
+            with xtables_lock():
+                self._install_locked(iptc, ruleset)
         except iptc.IPTCError as exc:
             raise BackendError(f"installing rules in legacy {ruleset.table} failed: {exc}") from exc
         for cmd in ruleset.commands():
             log.debug("iptables-legacy %s", " ".join(cmd))
 
+    def _install_locked(self, iptc, ruleset: RuleSet) -> None:
+        t = self._table(ruleset.table)
+        leftovers = self._strip(t, ruleset)
+        if leftovers:
+            log.info("removed %d leftover rules/chains of an earlier run", leftovers)
+        for name in ruleset.chains:
+            t.create_chain(name)
+        for rule in ruleset.rules:
+            iptc.Chain(t, rule.chain).append_rule(to_iptc(rule))
+        for jump in ruleset.jumps:
+            iptc.Chain(t, jump.chain).append_rule(to_iptc(jump))
+        t.commit()
+        t.refresh()
+        t.autocommit = True
+
     def remove(self, ruleset: RuleSet) -> None:
         iptc = _iptc()
         try:
-            t = self._table(ruleset.table)
-            n = self._strip(t, ruleset)
-            t.commit()
-            t.refresh()
-            t.autocommit = True
+            with xtables_lock():
+                t = self._table(ruleset.table)
+                n = self._strip(t, ruleset)
+                t.commit()
+                t.refresh()
+                t.autocommit = True
         except iptc.IPTCError as exc:
             raise BackendError(f"removing rules from legacy {ruleset.table} failed: {exc}") from exc
         log.debug("removed %d rules/chains", n)

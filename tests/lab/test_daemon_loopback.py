@@ -62,14 +62,14 @@ class Marker:
         self.ns, self.tmp = ns, tmp
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
         self.stderr = open(self.tmp / "marker.log", "ab")
         offset = self.stderr.tell()
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, str(ROOT / ".venv/bin/l2tp-marker"), "--log-level", "debug", "run",
              "--inbound-match", "none", "--queue-in", "11", "--queue-out", "12",
              "--state-file", str(self.tmp / "state.json"), "--decision-log", str(self.tmp / "decisions.jsonl"),
-             "--control-socket", str(self.tmp / "ctl.sock")],
+             "--control-socket", str(self.tmp / "ctl.sock"), *extra],
             stdout=subprocess.DEVNULL, stderr=self.stderr)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -221,3 +221,41 @@ def test_alias_remark_restart_and_sigkill_fallback(lab):
     aliased = [r for r in log if r["reason"] == "sccrq_aliased"]
     assert len(aliased) == 1 and aliased[0]["rewrite"] == {"assigned_tunnel_id": 0xFFFF}
     assert {"no", "dir", "peer", "kind", "tunnel", "session", "mark_in", "mark", "rewrite", "reason"} <= set(log[0])
+
+
+def status(marker: Marker) -> dict:
+    return json.loads(subprocess.run([str(ROOT / ".venv/bin/l2tp-marker"), "status", "--json", "--socket",
+                                      str(marker.tmp / "ctl.sock")], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def test_flushed_rules_are_repaired_and_metrics_exported(lab):
+    ns, agent, marker = lab
+    marker.start("--repair-interval", "0.3", "--metrics-listen", "127.0.0.1:9717",
+                 "--metrics-textfile", str(marker.tmp / "metrics.prom"), "--metrics-interval", "0.5")
+    agent(op="send", name="client", to=list(LNS), hex=sccrq(1), mark=1)
+    assert recv_sccrq_tid(agent) == 1
+    # An administrator (or a firewall reload) flushes the built-in chains: the jumps are gone.
+    ns_run(ns, "iptables-legacy", "-t", "mangle", "-F", "INPUT")
+    ns_run(ns, "iptables-legacy", "-t", "mangle", "-F", "OUTPUT")
+    deadline = time.monotonic() + 10
+    while status(marker)["rule_repairs"] < 1:
+        assert time.monotonic() < deadline, "rules were not repaired"
+        time.sleep(0.1)
+    assert len(marker_rules(ns)) == 6 and status(marker)["rule_problems"] == []
+    # Judging works again after the repair: B's colliding SCCRQ is aliased.
+    agent(op="send", name="client", to=list(LNS), hex=sccrq(1), mark=2)
+    assert recv_sccrq_tid(agent) == 0xFFFF
+
+    body = ns_run(ns, sys.executable, "-c", "import urllib.request;"
+                  "print(urllib.request.urlopen('http://127.0.0.1:9717/metrics', timeout=5).read().decode())").stdout
+    assert 'l2tp_marker_packets_total{direction="in",reason="sccrq_aliased"} 1' in body
+    assert 'l2tp_marker_tunnels{state="pending"} 2' in body
+    assert "l2tp_marker_rule_repairs_total 1" in body
+    assert 'l2tp_marker_queue_drops_total{queue="11",direction="in",kind="queue_dropped"} 0' in body
+    deadline = time.monotonic() + 10
+    textfile = marker.tmp / "metrics.prom"
+    while not textfile.exists() or 'reason="sccrq_aliased"} 1' not in textfile.read_text():
+        assert time.monotonic() < deadline, "textfile not written"
+        time.sleep(0.1)
+    assert marker.stop() == 0
