@@ -55,7 +55,11 @@ def judge_packet(engine: Engine, pkt: bytes, direction: str, mark_in: int) -> Ve
     decision = engine.judge(msg, direction, peer, mark_in)
     payload = None
     if decision.rewrites:
-        payload = codec.rewrite(pkt, dg, [(r.offset, r.data) for r in decision.rewrites])
+        try:
+            payload = codec.rewrite(pkt, dg, [(r.offset, r.data) for r in decision.rewrites])
+        except ValueError as exc:  # a rewrite that does not fit the packet: never apply half of it
+            engine.counters["rewrite_failed"] += 1
+            decision = Decision("rewrite_failed", mark=decision.mark, events=decision.events, detail=str(exc))
     return Verdict(decision, mark_in, direction, dg, msg, payload)
 
 
