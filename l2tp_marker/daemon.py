@@ -53,6 +53,7 @@ class PacketHandler:
         self.stats: Counter[str] = Counter()
         self.by_dir_reason: Counter[tuple[str, str]] = Counter()
         self.dirty = False
+        self.urgent = False  # the table gained or lost a tunnel: save soon, a crash must not lose it
         self._seq = 0
 
     def handle(self, pkt, direction: str) -> None:
@@ -79,6 +80,8 @@ class PacketHandler:
                 self.stats[f"{direction}_accepted"] += 1
             if v.message is not None and (d.events or d.rewrites or getattr(v.message, "control", False)):
                 self.dirty = True
+                if d.events or d.reason in ("sccrq_learned", "sccrq_aliased"):
+                    self.urgent = True
             if d.events and self.on_events is not None:
                 self.on_events(d.events)
             if self.decision_log is not None and v.datagram is not None and d.reason != "not_l2tp":
@@ -120,6 +123,7 @@ class Daemon:
         self.counters: Counter[str] = Counter()
         self._started = time.time()
         self._stop = False
+        self._save_cost = 0.0
         self._wake_r = self._wake_w = None
 
     # ---------------------------------------------------------------- events
@@ -233,8 +237,10 @@ class Daemon:
                 self.handler.decision_log = None
 
     def save(self) -> None:
+        t0 = time.monotonic()
         save_state(self.engine, self.cfg.state_file)
-        self.handler.dirty = False
+        self._save_cost = time.monotonic() - t0
+        self.handler.dirty = self.handler.urgent = False
 
     def request_stop(self, *_: object) -> None:
         self._stop = True
@@ -276,10 +282,14 @@ class Daemon:
         next_save = start + self.cfg.state_interval
         next_expire = start + 1.0
         next_repair = start + self.cfg.repair_interval
+        last_save = start
         next_textfile = start if self.cfg.metrics_textfile else float("inf")
         try:
             while not self._stop:
-                timeout = max(0.0, min(next_save, next_expire, next_repair, next_textfile) - time.monotonic())
+                due = min(next_save, next_expire, next_repair, next_textfile)
+                if self.handler.urgent:
+                    due = min(due, last_save + max(0.05, 10 * self._save_cost))
+                timeout = max(0.0, due - time.monotonic())
                 for key, _ in sel.select(timeout):
                     if key.data is None:
                         try:
@@ -295,7 +305,7 @@ class Daemon:
                 if now >= next_expire:
                     events = self.engine.expire()
                     if events:
-                        self.handler.dirty = True
+                        self.handler.dirty = self.handler.urgent = True
                         self._events(tuple(events))
                     next_expire = now + 1.0
                 if now >= next_repair:
@@ -310,7 +320,11 @@ class Daemon:
                     except OSError as exc:
                         log.error("cannot write metrics to %s: %s", self.cfg.metrics_textfile, exc)
                     next_textfile = now + self.cfg.metrics_interval
+                if self.handler.urgent:
+                    # Save a changed table at once, but spend at most ~10% of the time saving.
+                    next_save = min(next_save, last_save + max(0.05, 10 * self._save_cost))
                 if now >= next_save:
+                    last_save = now
                     if self.handler.dirty:
                         try:
                             self.save()
