@@ -6,12 +6,11 @@ written atomically to a node-exporter textfile (``metrics_textfile``).
 
 from __future__ import annotations
 
-import os
 import socket
-import tempfile
 from pathlib import Path
 
 from .engine import Engine
+from .fsutil import write_atomic
 
 NFQ_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
 
@@ -81,18 +80,7 @@ def render(engine: Engine, *, by_dir_reason: dict[tuple[str, str], int], daemon_
 
 def write_textfile(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, text)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from .engine import Engine, TableEvent
+from .fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -16,21 +16,7 @@ log = logging.getLogger(__name__)
 def save_state(engine: Engine, path: Path) -> None:
     """Write the table to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(engine.export_state(), separators=(",", ":")).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, json.dumps(engine.export_state(), separators=(",", ":")), mode=0o600, fsync=True)
 
 
 def load_state(engine: Engine, path: Path) -> list[TableEvent] | None:

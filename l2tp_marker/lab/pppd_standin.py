@@ -49,6 +49,9 @@ import struct
 import sys
 import time
 
+from l2tp_marker.fsutil import write_atomic
+from l2tp_marker.lab.topology import proc_starttime
+
 PPP_FLAG = 0x7E
 PPP_ESCAPE = 0x7D
 PPP_TRANS = 0x20
@@ -269,7 +272,7 @@ class StandIn:
     def status(self, exited: bool = False) -> dict:
         return {
             "pid": os.getpid(),
-            "starttime": _proc_starttime(os.getpid()),
+            "starttime": proc_starttime(os.getpid()),
             "token": self.token,
             "peer_token": self.peer_token,
             "peer_tokens": self.peer_tokens,
@@ -287,11 +290,8 @@ class StandIn:
         now = time.monotonic()
         if not force and (not self._dirty or now - self._last_status < STATUS_MIN_INTERVAL):
             return
-        tmp = f"{self.status_path}.tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(self.status(exited), fh)
-            os.replace(tmp, self.status_path)
+            write_atomic(self.status_path, json.dumps(self.status(exited)))
         except OSError as exc:
             print(f"pppd-standin: cannot write {self.status_path}: {exc}", file=sys.stderr)
         self._last_status = now
@@ -344,17 +344,6 @@ class StandIn:
             self.write_status()
         self.write_status(exited=True, force=True)
         return 0
-
-
-def _proc_starttime(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return int(fields[19])
 
 
 def _set_raw(fd: int) -> None:

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from l2tp_marker.fsutil import write_atomic
 from l2tp_marker.lab import analysis
 
 log = logging.getLogger(__name__)
@@ -764,10 +765,7 @@ class Lab:
         data = {"prefix": self.config.prefix, "workdir": str(self._workdir),
                 "own_workdir": self._own_workdir, "namespaces": self.namespaces,
                 "owner_pid": os.getpid(), "pids": entries}
-        path = registry_path(self.config.prefix)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        write_atomic(registry_path(self.config.prefix), json.dumps(data, indent=1))
         self._registry_written = True
 
     def _all_tracked(self) -> list[_Tracked]:

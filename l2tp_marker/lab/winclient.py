@@ -47,13 +47,13 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from l2tp_marker import constants as C
 from l2tp_marker import layers as L
+from l2tp_marker.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -688,19 +688,7 @@ def _result_text(pkt: Any) -> str:
 
 def write_status(path: str, status: dict[str, Any]) -> None:
     """Write ``status`` as JSON to ``path`` atomically (temp file in the same directory + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".winclient-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(status, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, json.dumps(status, indent=1, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)
