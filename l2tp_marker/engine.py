@@ -330,7 +330,9 @@ class Engine:
                             detail=None if msg.hidden_tunnel_id else "SCCRQ without Assigned Tunnel ID")
         key = (peer.addr, peer.port, mark, client_tid)
         t = self._by_client.get(key)
-        if t is not None and t.closing_since is None:
+        if t is not None and t.closing_since is None and not t.established:
+            # The same client asking again before the handshake completed: a retransmission (its
+            # SCCRP may have been lost), which must reach the LNS with the same alias.
             t.last_seen = now
             t.packets_in += 1
             return Decision(R_RETRANSMIT, rewrites=self._alias_rewrite(msg, t))
@@ -341,8 +343,9 @@ class Engine:
                 return Decision(R_TABLE_FULL, events=events,
                                 detail=f"{len(self._by_out)} tunnels, {self._per_mark[mark]} for mark {mark:#x}")
         if t is not None:
-            # Same client, same ID, old tunnel still closing: the client moved on; forget the old one.
-            events += self._release(t)
+            # Same client and ID, but the old tunnel is closing or was established: the client
+            # started over (e.g. after the LNS restarted); the old entry is stale.
+            events += self._release(t, "released_restarted")
         used = self._visible.setdefault(peer.addr, set())
         visible = client_tid
         if client_tid in used:

@@ -247,3 +247,16 @@ def test_bad_state_is_a_clear_error_and_leaves_an_empty_table(bad):
     with pytest.raises(ValueError, match="invalid state"):
         e.import_state(bad)
     assert len(e) == 0
+
+
+def test_sccrq_for_an_established_tunnel_starts_over():
+    """A client that reconnects with the same ID after its tunnel was up (e.g. the LNS restarted)
+    gets a fresh entry; the stale one is released instead of swallowing the new SCCRQ."""
+    e, _ = make()
+    up(e, 1, 700, 1)
+    v = j(e, sccrq(1), "in", 1)
+    assert v.decision.reason == "sccrq_learned"
+    assert any(ev.kind == "release" and ev.our_tid == 700 for ev in v.decision.events)
+    assert e.counters["released_restarted"] == 1
+    j(e, sccrp(1, 900), "out", 0)
+    assert [t.our_tid for t in e.tunnels()] == [900]
