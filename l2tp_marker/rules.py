@@ -31,6 +31,8 @@ class Rule:
     queue_num: int | None = None          # NFQUEUE target
     queue_bypass: bool = False
     comment: str = COMMENT
+    nflog_group: int | None = None        # NFLOG target (`l2tp-marker capture`)
+    nflog_threshold: int | None = None    # NFLOG: packets the kernel batches before sending (1 = none)
 
     def argv(self) -> list[str]:
         """The rule in iptables syntax (without the table and the -A CHAIN)."""
@@ -51,6 +53,11 @@ class Rule:
             a += ["--queue-num", str(self.queue_num)]
             if self.queue_bypass:
                 a.append("--queue-bypass")
+        elif self.target == "NFLOG":
+            if self.nflog_group is not None:
+                a += ["--nflog-group", str(self.nflog_group)]
+            if self.nflog_threshold is not None:
+                a += ["--nflog-threshold", str(self.nflog_threshold)]
         return a
 
 

@@ -72,6 +72,11 @@ def to_iptc(rule: Rule):
         t.queue_num = str(rule.queue_num)
         if rule.queue_bypass:
             t.queue_bypass = ""
+    elif rule.target == "NFLOG":
+        if rule.nflog_group is not None:
+            t.nflog_group = str(rule.nflog_group)
+        if rule.nflog_threshold is not None:
+            t.nflog_threshold = str(rule.nflog_threshold)
     return r
 
 
