@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(p)
     p.set_defaults(func=_cmd_replay)
 
-    for name in ("run", "status", "demo", "lab"):
+    for name in ("run", "status", "demo", "lab", "capture", "doctor"):
         _register_optional(sub, name)
     return parser
 
