@@ -8,6 +8,7 @@ import logging
 import sys
 
 from . import __version__
+from . import cmd_capture, cmd_demo, cmd_doctor, cmd_run, cmd_status
 from .config import add_engine_options
 
 
@@ -77,22 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(p)
     p.set_defaults(func=_cmd_replay)
 
-    for name in ("run", "status", "demo", "lab", "capture", "doctor"):
-        _register_optional(sub, name)
+    for mod in (cmd_run, cmd_status, cmd_capture, cmd_doctor, cmd_demo):
+        mod.register(sub)
     return parser
-
-
-def _register_optional(sub, name: str) -> None:
-    """Subcommands whose implementation modules register their own arguments."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(f".cmd_{name}", __package__)
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.cmd_{name}":
-            raise
-        return
-    mod.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,6 +187,8 @@ class Daemon:
             "daemon": {"pid": os.getpid(), "uptime": round(time.time() - self._started, 1),
                        "queues": {"in": self.cfg.queue_in, "out": self.cfg.queue_out},
                        "backend": self.backend.name, "chains": list(self.ruleset.chains),
+                       "inbound_match": self.cfg.inbound_match, "mark_mask": self.cfg.engine.mark_mask,
+                       "enforce": self.cfg.engine.enforce,
                        "state_file": str(self.cfg.state_file)},
             "rule_problems": self.backend.check(self.ruleset),
             "rule_repairs": self.counters.get("rule_repairs", 0),
