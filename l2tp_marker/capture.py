@@ -148,22 +148,9 @@ class LegacyCaptureFirewall:
 
     @staticmethod
     def _strip(iptc, table, rules: CaptureRules) -> int:
-        ours = set(rules.chains)
-        removed = 0
-        for chain in table.chains:
-            if chain.name in ours:
-                continue
-            for r in list(chain.rules):
-                if r.target.name in ours:
-                    chain.delete_rule(r)
-                    removed += 1
-        for name in rules.chains:
-            if table.is_chain(name):
-                c = iptc.Chain(table, name)
-                c.flush()
-                c.delete()
-                removed += 1
-        return removed
+        from .backends.iptables_legacy import strip_chains  # noqa: PLC0415
+
+        return strip_chains(table, rules.chains)
 
     def _locked(self, rules: CaptureRules, body: Callable) -> object:
         from .backends.iptables_legacy import _iptc, xtables_lock  # noqa: PLC0415

@@ -75,24 +75,17 @@ class ControlServer:
         return self.sock.fileno()
 
     def serve_one(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
+        got = accept_request(self.sock, lambda b: b"\n" in b, MAX_REQUEST)
+        if got is None:
             return
+        conn, buf = got
         with conn:
-            conn.settimeout(1.0)
             try:
-                buf = b""
-                while b"\n" not in buf and len(buf) < MAX_REQUEST:
-                    chunk = conn.recv(MAX_REQUEST)
-                    if not chunk:
-                        break
-                    buf += chunk
-                try:
-                    req = json.loads(buf.split(b"\n", 1)[0] or b"{}")
-                    reply = self.handler(req) if isinstance(req, dict) else {"error": "request must be an object"}
-                except ValueError:
-                    reply = {"error": "request is not JSON"}
+                req = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+                reply = self.handler(req) if isinstance(req, dict) else {"error": "request must be an object"}
+            except ValueError:
+                reply = {"error": "request is not JSON"}
+            try:
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             except OSError:
                 pass  # the client went away; nothing to answer
@@ -103,6 +96,31 @@ class ControlServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def accept_request(sock: socket.socket, complete, limit: int) -> tuple[socket.socket, bytes] | None:
+    """Accept one connection on a non-blocking listener and read its (small) request.
+
+    Reads until ``complete(data)`` or ``limit`` bytes or EOF, waiting at most a second. Returns the
+    connection (the caller answers and closes it) and the bytes, or None if nobody was waiting or
+    the client went away.
+    """
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        return None
+    conn.settimeout(1.0)
+    buf = b""
+    try:
+        while not complete(buf) and len(buf) < limit:
+            chunk = conn.recv(limit)
+            if not chunk:
+                break
+            buf += chunk
+    except OSError:
+        conn.close()
+        return None
+    return conn, buf
 
 
 def ask(path: Path, request: dict, timeout: float = 5.0) -> dict:

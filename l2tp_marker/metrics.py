@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from .control import accept_request
 from .engine import Engine
 from .fsutil import write_atomic
 
@@ -112,30 +113,23 @@ class MetricsServer:
         return self.sock.getsockname()[:2]
 
     def serve_one(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
+        got = accept_request(self.sock, lambda b: b"\r\n\r\n" in b or b"\n\n" in b, 8192)
+        if got is None:
             return
+        conn, req = got
         with conn:
-            conn.settimeout(1.0)
+            first = req.split(b"\n", 1)[0].split()
+            if len(first) >= 2 and first[0] == b"GET" and first[1].split(b"?")[0] in (b"/metrics", b"/"):
+                body = self.render_fn().encode()
+                head = (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            else:
+                body = b"not found\n"
+                head = b"HTTP/1.0 404 Not Found\r\nContent-Length: 10\r\n\r\n"
             try:
-                req = b""
-                while b"\r\n\r\n" not in req and b"\n\n" not in req and len(req) < 8192:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    req += chunk
-                first = req.split(b"\n", 1)[0].split()
-                if len(first) >= 2 and first[0] == b"GET" and first[1].split(b"?")[0] in (b"/metrics", b"/"):
-                    body = self.render_fn().encode()
-                    head = (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-                            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-                else:
-                    body = b"not found\n"
-                    head = b"HTTP/1.0 404 Not Found\r\nContent-Length: 10\r\n\r\n"
                 conn.sendall(head + body)
             except OSError:
-                pass
+                pass  # the scraper went away
 
     def close(self) -> None:
         self.sock.close()

@@ -80,6 +80,27 @@ def to_iptc(rule: Rule):
     return r
 
 
+def strip_chains(table, chains) -> int:
+    """Remove every jump into ``chains``, then the chains. Returns how many objects were removed."""
+    iptc = _iptc()
+    ours = set(chains)
+    removed = 0
+    for chain in table.chains:
+        if chain.name in ours:
+            continue
+        for r in list(chain.rules):
+            if r.target.name in ours:
+                chain.delete_rule(r)
+                removed += 1
+    for name in chains:
+        if table.is_chain(name):
+            c = iptc.Chain(table, name)
+            c.flush()
+            c.delete()
+            removed += 1
+    return removed
+
+
 def _normal(rule) -> dict:
     """A comparable form of a python-iptables rule (binary compare trips on unused match bytes)."""
     import iptc.easy  # noqa: PLC0415
@@ -110,24 +131,7 @@ class IptablesLegacyBackend:
         return t
 
     def _strip(self, table, ruleset: RuleSet) -> int:
-        """Remove every jump into our chains, then our chains. Returns how many objects were removed."""
-        iptc = _iptc()
-        ours = set(ruleset.chains)
-        removed = 0
-        for chain in table.chains:
-            if chain.name in ours:
-                continue
-            for r in list(chain.rules):
-                if r.target.name in ours:
-                    chain.delete_rule(r)
-                    removed += 1
-        for name in ruleset.chains:
-            if table.is_chain(name):
-                c = iptc.Chain(table, name)
-                c.flush()
-                c.delete()
-                removed += 1
-        return removed
+        return strip_chains(table, ruleset.chains)
 
     def install(self, ruleset: RuleSet) -> None:
         iptc = _iptc()

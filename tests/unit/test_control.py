@@ -1,0 +1,56 @@
+"""The control socket: root-only mode, one JSON request and reply, clear errors without a daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+import time
+
+import pytest
+
+from l2tp_marker.control import ControlError, ControlServer, ask, status_snapshot
+from l2tp_marker.engine import Engine
+from l2tp_marker.judge import judge_packet
+
+from .helpers import FakeClock, sccrp, sccrq
+
+
+def serve_until(server: ControlServer, done: threading.Event) -> None:
+    while not done.is_set():
+        server.serve_one()
+        time.sleep(0.005)
+
+
+def test_status_round_trip_and_socket_mode(tmp_path):
+    e = Engine(clock=FakeClock())
+    judge_packet(e, sccrq(1), "in", 1)
+    judge_packet(e, sccrp(1, 700), "out", 0)
+    path = tmp_path / "run" / "ctl.sock"
+    server = ControlServer(path, lambda req: status_snapshot(e, stats={"in_accepted": 1}) if req.get("cmd") == "status"
+                           else {"error": "unknown"})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    done = threading.Event()
+    t = threading.Thread(target=serve_until, args=(server, done))
+    t.start()
+    try:
+        st = ask(path, {"cmd": "status"})
+        assert [(x["client_tid"], x["gateway_tid"], x["mark"], x["state"]) for x in st["tunnels"]] == [(1, 700, 1, "bound")]
+        assert st["packets"] == {"in_accepted": 1} and st["counters"]["sccrq_learned"] == 1
+        assert ask(path, {"cmd": "nope"}) == {"error": "unknown"}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            s.sendall(b"this is not json\n")
+            assert json.loads(s.makefile().readline()) == {"error": "request is not JSON"}
+    finally:
+        done.set()
+        t.join()
+        server.close()
+    assert not path.exists()
+
+
+def test_no_daemon_is_a_clear_error(tmp_path):
+    with pytest.raises(ControlError, match="no l2tp-marker daemon is running"):
+        ask(tmp_path / "missing.sock", {"cmd": "status"})
