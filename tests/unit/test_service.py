@@ -43,3 +43,21 @@ def test_sd_notify_sends_ready(tmp_path, monkeypatch):
         assert s.recv(100) == b"READY=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not sd_notify("READY=1")
+
+
+def test_journald_priority_prefixes(capsys):
+    import logging
+
+    from l2tp_marker.cli import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    setup_logging("info", environ={"JOURNAL_STREAM": "8:1234"})
+    try:
+        logging.getLogger("l2tp_marker.x").error("two\nlines")
+        logging.getLogger("l2tp_marker.x").info("hello")
+        logging.getLogger("l2tp_marker.x").debug("hidden")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert capsys.readouterr().err.splitlines() == ["<3>l2tp_marker.x: two", "<3>lines", "<6>l2tp_marker.x: hello"]
