@@ -8,6 +8,8 @@ gateway's links (see l2tp_marker/lab/analysis.py); echo health from the PPP peer
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -76,9 +78,17 @@ def test_marker_isolates_two_windows_clients_and_an_xl2tpd_lac(make_lab):
         lab.stop_observer()
         r = lab.report()
         st = marker.status()
+        # What an operator types: the table names all three tunnels, the alias and the marks.
+        table = subprocess.run([sys.executable, "-m", "l2tp_marker.cli", "status", "--socket",
+                                str(marker.control_socket)], capture_output=True, text=True, check=True).stdout
         assert marker.stop() == 0
         assert marker_rules(lab) == []
         decisions = marker.decisions()  # the lab's work folder goes with the lab
+    assert "3 tunnel(s)" in table and "rules OK" in table, table
+    rows = [line.split() for line in table.splitlines() if line.startswith("192.0.2.10:1701")]
+    assert sorted((row[4], row[2]) for row in rows) == sorted(
+        (f"{t['mark']:#x}", "-" if t["alias"] is None else str(t["alias"])) for t in st["tunnels"])
+    assert sum(row[2] == "65535" for row in rows) == 1 and all(row[5] == "established" for row in rows), table
     assert_isolated(r)
     assert not r.lns_log_contains("twice"), r.format()
     # Whichever Windows client spoke second was aliased on the way in; the LNS only saw the alias.
