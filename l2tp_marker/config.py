@@ -132,7 +132,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--secret", default=None,
                    help="L2TP tunnel secret, to reveal and rewrite hidden Assigned Tunnel ID AVPs")
     g.add_argument("--idle-timeout", type=float, default=None,
-                   help="seconds without a packet before a tunnel is forgotten (default 600)")
+                   help="seconds without a packet from the LNS before a tunnel is forgotten (default 600)")
     g.add_argument("--enforce", choices=("off", "log", "drop"), default=None,
                    help="inbound packets of a tunnel bound to another SA: count and log them (log, "
                         "default), ignore them (off) or drop them before the LNS sees them (drop)")

@@ -23,7 +23,7 @@ from .backends import Backend, BackendError, get_backend
 from .config import DaemonConfig
 from .control import ControlServer, status_snapshot
 from .metrics import MetricsServer, read_queue_stats, render, write_textfile
-from .engine import IN, OUT, Engine, TableEvent
+from .engine import IN, OUT, R_CONFLICT, Engine, TableEvent
 from .judge import judge_packet, record
 from .rules import RuleSet, build_rules
 from .state import load_state, save_state
@@ -43,13 +43,21 @@ def ruleset_for(cfg: DaemonConfig) -> RuleSet:
 class PacketHandler:
     """Judges queued packets and applies verdicts; independent of how packets are received."""
 
+    # A hostile client can send conflicts at line rate: log the first, then at most one line per
+    # CONFLICT_LOG_INTERVAL seconds that says how many were not logged (every one is counted).
+    CONFLICT_LOG_INTERVAL = 10.0
+
     def __init__(self, engine: Engine, *, decision_log: IO[str] | None = None,
                  on_events: Callable[[tuple[TableEvent, ...]], None] | None = None,
-                 wallclock: Callable[[], float] = time.time):
+                 wallclock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.decision_log = decision_log
         self.on_events = on_events
         self.wallclock = wallclock
+        self.monotonic = monotonic
+        self._conflict_log_next = float("-inf")
+        self._conflicts_unlogged = 0
         self.stats: Counter[str] = Counter()
         self.by_dir_reason: Counter[tuple[str, str]] = Counter()
         self.dirty = False
@@ -84,6 +92,8 @@ class PacketHandler:
                     self.urgent = True
             if d.events and self.on_events is not None:
                 self.on_events(d.events)
+            if d.reason == R_CONFLICT and self.engine.config.enforce != "off":
+                self._log_conflict(v)
             if self.decision_log is not None and v.datagram is not None and d.reason != "not_l2tp":
                 self._seq += 1
                 rec = record(self._seq, v)
@@ -94,6 +104,18 @@ class PacketHandler:
             self.engine.counters["error"] += 1
             log.exception("error while judging a %s packet; accepting it unchanged", direction)
             self._fail_open(pkt, payload, mark_in, applied_payload, applied_mark)
+
+    def _log_conflict(self, v) -> None:
+        now = self.monotonic()
+        if now < self._conflict_log_next:
+            self._conflicts_unlogged += 1
+            return
+        more = (f" ({self._conflicts_unlogged} more since the last message)"
+                if self._conflicts_unlogged else "")
+        log.warning("SA conflict, %s: %s %s%s", "dropped" if v.decision.drop else "passed to the LNS",
+                    getattr(v.message, "kind", "packet"), v.decision.detail, more)
+        self._conflicts_unlogged = 0
+        self._conflict_log_next = now + self.CONFLICT_LOG_INTERVAL
 
     def _fail_open(self, pkt, payload, mark_in, applied_payload, applied_mark) -> None:
         try:

@@ -27,12 +27,16 @@ of the tunnel arriving with another mark never moves it; it is counted as a conf
 when ``enforce="drop"``). A binding "moves" only by ending: after the tunnel is released (StopCCN
 plus the hold time, idle timeout, or an SCCRQ that never got its SCCRP), the same IDs may be bound
 anew by whichever SA sends the next SCCRQ.
+
+Idle means: nothing from the LNS for ``idle_timeout`` seconds. A live LNS answers every HELLO (and
+sends its own), so a tunnel it stopped answering is one it lost (it restarted, or dropped the
+tunnel without a StopCCN): such a tunnel is released even while its client keeps sending into it.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
@@ -44,6 +48,9 @@ IN = "in"
 OUT = "out"
 
 STATE_VERSION = 1
+# At least this many tunnels evicted from (or refused by) a full table are remembered (more if
+# max_tunnels is larger), so the LNS's answers to them still go back to their own SA.
+EVICTED_RECORDS_MIN = 4096
 
 # Reasons (stable strings: they appear in logs, replay output and metrics).
 R_MALFORMED = "malformed"
@@ -58,6 +65,7 @@ R_CONFLICT = "sa_conflict"
 R_INBOUND = "inbound_known"
 R_OWNER = "owner_mark"
 R_OWNER_SET = "owner_mark_set"
+R_EVICTED_OWNER = "owner_mark_evicted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +163,12 @@ class Tunnel:
     packets_out: int = 0
     conflicts: int = 0
     sessions: dict[int, Session] = field(default_factory=dict)
+    last_out: float | None = None  # last packet from the LNS (None: none yet)
+
+    @property
+    def lns_seen(self) -> float:
+        """When the LNS last sent something for this tunnel (its creation if never)."""
+        return self.created if self.last_out is None else self.last_out
 
     @property
     def alias(self) -> int | None:
@@ -167,6 +181,15 @@ class Tunnel:
         if self.our_tid is None:
             return "pending"
         return "established" if self.established else "bound"
+
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    """A tunnel the LNS may still hold although the table let it go (evicted, or refused when full)."""
+
+    port: int
+    mark: int
+    until: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,10 +211,19 @@ class Engine:
         self.config = config or EngineConfig()
         self._clock = clock
         self._by_out: dict[tuple[str, int, int], Tunnel] = {}   # (addr, port, visible tid)
-        self._by_in: dict[tuple[str, int, int], Tunnel] = {}    # (addr, port, LNS tid)
+        # (addr, port, LNS tid) -> the tunnels the LNS gave that ID, oldest first. Usually one, but
+        # xl2tpd picks its tunnel IDs at random without checking that they are free, so two live
+        # tunnels of one peer address can share an ID; their inbound packets are told apart by mark.
+        self._by_in: dict[tuple[str, int, int], list[Tunnel]] = {}
         self._by_client: dict[tuple[str, int, int, int], Tunnel] = {}  # (addr, port, mark, client tid)
         self._visible: dict[str, set[int]] = {}                 # addr -> visible tids in use
+        # (addr, visible tid) -> the SA of a tunnel evicted (or refused) by a full table, for
+        # pending_timeout seconds: the LNS already saw its SCCRQ and keeps answering it for a while.
+        self._evicted: OrderedDict[tuple[str, int], Evicted] = OrderedDict()
         self._per_mark: Counter[int] = Counter()
+        # mark -> its tunnels that have not completed their handshake, oldest first: eviction
+        # candidates found in O(1) instead of a scan of the whole table per SCCRQ.
+        self._unestablished: dict[int, OrderedDict[int, Tunnel]] = {}
         self.counters: Counter[str] = Counter()
         self.conflicts: deque[Conflict] = deque(maxlen=self.config.conflict_history)
         self._next_expiry = 0.0
@@ -227,8 +259,14 @@ class Engine:
     def _outbound(self, msg: L2tpMessage, peer: Peer, mark_in: int, now: float) -> Decision:
         t = self._by_out.get((peer.addr, peer.port, msg.tunnel_id))
         if t is None:
+            gone = self._evicted.get((peer.addr, msg.tunnel_id))
+            if gone is not None and gone.port == peer.port and now < gone.until:
+                # The LNS still answers a tunnel the table had to let go: back to its own SA, not
+                # to whichever client spoke last (plain connmark).
+                mark = (mark_in & ~self.config.mark_mask & 0xFFFFFFFF) | gone.mark
+                return Decision(R_EVICTED_OWNER, mark)
             return Decision(R_UNKNOWN_TUNNEL)
-        t.last_seen = now
+        t.last_seen = t.last_out = now
         t.packets_out += 1
         mask = self.config.mark_mask
         mark = (mark_in & ~mask & 0xFFFFFFFF) | t.mark
@@ -262,18 +300,36 @@ class Engine:
         return ()
 
     def _bind(self, t: Tunnel, our_tid: int) -> tuple[TableEvent, ...]:
-        key = (t.peer.addr, t.peer.port, our_tid)
-        events = []
-        old = self._by_in.get(key)
-        if old is not None and old is not t:
-            # The LNS reused a tunnel ID it had released: the old entry is stale.
-            events.extend(self._release(old))
-        if t.our_tid is not None:
-            self._by_in.pop((t.peer.addr, t.peer.port, t.our_tid), None)
+        # Another entry with this LNS ID is not necessarily stale: xl2tpd does not check that a
+        # random tunnel ID is free (new_tunnel in xl2tpd.c), so both may be live. Stale entries end
+        # by their own signals (StopCCN, the LNS's silence, the client starting over).
+        self._unindex(t)
         t.our_tid = our_tid
-        self._by_in[key] = t
-        events.append(TableEvent("bind", t.peer, t.visible_tid, t.client_tid, our_tid, t.mark))
-        return tuple(events)
+        self._by_in.setdefault((t.peer.addr, t.peer.port, our_tid), []).append(t)
+        return (TableEvent("bind", t.peer, t.visible_tid, t.client_tid, our_tid, t.mark),)
+
+    def _unindex(self, t: Tunnel) -> None:
+        if t.our_tid is None:
+            return
+        key = (t.peer.addr, t.peer.port, t.our_tid)
+        same = self._by_in.get(key, [])
+        for i, x in enumerate(same):
+            if x is t:
+                del same[i]
+                if not same:
+                    del self._by_in[key]
+                return
+
+    def _lookup_in(self, peer: Peer, tid: int, mark: int) -> Tunnel | None:
+        """The tunnel an inbound packet belongs to: of those the LNS gave ``tid``, the newest bound
+        to ``mark``; if none is, the newest (the packet is then an SA conflict)."""
+        same = self._by_in.get((peer.addr, peer.port, tid))
+        if not same:
+            return None
+        for t in reversed(same):
+            if t.mark == mark:
+                return t
+        return same[-1]
 
     def _inbound(self, msg: L2tpMessage, peer: Peer, mark_in: int, now: float) -> Decision:
         mark = mark_in & self.config.mark_mask
@@ -281,7 +337,7 @@ class Engine:
             if not mark:
                 return Decision(R_NO_MARK)
             return self._sccrq(msg, peer, mark, now)
-        t = self._by_in.get((peer.addr, peer.port, msg.tunnel_id))
+        t = self._lookup_in(peer, msg.tunnel_id, mark)
         if t is None:
             return Decision(R_NO_MARK if not mark else R_UNKNOWN_TUNNEL)
         if mark != t.mark:
@@ -294,6 +350,7 @@ class Engine:
         rewrites: tuple[Rewrite, ...] = ()
         if mt == C.SCCCN:
             t.established = True
+            self._forget_unestablished(t)
         elif mt == C.STOPCCN:
             t.closing_since = t.closing_since or now
             if t.visible_tid != t.client_tid:
@@ -338,8 +395,14 @@ class Engine:
             return Decision(R_RETRANSMIT, rewrites=self._alias_rewrite(msg, t))
         events: tuple[TableEvent, ...] = ()
         if len(self._by_out) >= self.config.max_tunnels or self._per_mark[mark] >= self.config.max_tunnels_per_mark:
-            events = tuple(self.expire(now))
-            if not self._make_room(mark):
+            if now >= self._next_expiry:  # a full pass only when one is due, not per SCCRQ
+                events = tuple(self.expire(now))
+            ok, evicted = self._make_room(mark, now)
+            events += evicted
+            if not ok:
+                if not self._taken(peer.addr, client_tid):
+                    # Passed on unchanged: the LNS will answer it as client_tid.
+                    self._remember_evicted(peer, client_tid, mark, now)
                 return Decision(R_TABLE_FULL, events=events,
                                 detail=f"{len(self._by_out)} tunnels, {self._per_mark[mark]} for mark {mark:#x}")
         if t is not None:
@@ -348,8 +411,8 @@ class Engine:
             events += self._release(t, "released_restarted")
         used = self._visible.setdefault(peer.addr, set())
         visible = client_tid
-        if client_tid in used:
-            visible = self._pick_alias(used)
+        if self._taken(peer.addr, client_tid):
+            visible = self._pick_alias(peer.addr)
             if visible is None:
                 return Decision(R_TABLE_FULL, events=events, detail=f"no free tunnel ID alias for {peer.addr}")
         t = Tunnel(peer, mark, client_tid, visible, now, now, packets_in=1)
@@ -357,36 +420,63 @@ class Engine:
         self._by_out[(peer.addr, peer.port, visible)] = t
         self._by_client[key] = t
         self._per_mark[mark] += 1
+        self._unestablished.setdefault(mark, OrderedDict())[id(t)] = t
         if visible == client_tid:
             return Decision(R_LEARNED, events=events)
         return Decision(R_ALIASED, rewrites=self._alias_rewrite(msg, t), events=events)
 
-    def _pick_alias(self, used: set[int]) -> int | None:
+    def _taken(self, addr: str, tid: int) -> bool:
+        """Does the LNS know a tunnel ``tid`` of ``addr`` (live in the table, or recently evicted)?"""
+        return tid in self._visible.get(addr, ()) or (addr, tid) in self._evicted
+
+    def _pick_alias(self, addr: str) -> int | None:
         for cand in range(self.config.alias_start, 0, -1):
-            if cand not in used:
+            if not self._taken(addr, cand):
                 return cand
         for cand in range(self.config.alias_start + 1, 0x10000):
-            if cand not in used:
+            if not self._taken(addr, cand):
                 return cand
         return None
 
-    def _make_room(self, mark: int) -> bool:
-        """Evict the least recently seen tunnels that never completed their handshake, if that helps."""
+    def _remember_evicted(self, peer: Peer, visible: int, mark: int, now: float) -> None:
+        """Keep routing the LNS's answers for a tunnel the table let go to its SA, and keep its ID
+        reserved, for pending_timeout seconds (xl2tpd gives up an unanswered SCCRP within ~31 s).
+        At most max(max_tunnels, EVICTED_RECORDS_MIN) such records; the oldest goes first."""
+        key = (peer.addr, visible)
+        self._evicted.pop(key, None)
+        self._evicted[key] = Evicted(peer.port, mark, now + self.config.pending_timeout)
+        while len(self._evicted) > max(self.config.max_tunnels, EVICTED_RECORDS_MIN):
+            self._evicted.popitem(last=False)
+
+    def _make_room(self, mark: int, now: float) -> tuple[bool, tuple[TableEvent, ...]]:
+        """Evict tunnels that never completed their handshake, if that helps.
+
+        Established tunnels are never evicted. A full per-mark bound evicts only that mark's own
+        tunnels; a full table evicts first from the mark holding the most tunnels (a client
+        flooding SCCRQs loses its own entries before another client's handshake in progress),
+        each mark's oldest first. Each eviction costs O(number of marks), not O(table).
+        """
         def full() -> bool:
             return (len(self._by_out) >= self.config.max_tunnels
                     or self._per_mark[mark] >= self.config.max_tunnels_per_mark)
-        if not full():
-            return True
-        per_mark_full = self._per_mark[mark] >= self.config.max_tunnels_per_mark
-        candidates = sorted((t for t in self._by_out.values()
-                             if not t.established and (not per_mark_full or t.mark == mark)),
-                            key=lambda t: t.last_seen)
-        for t in candidates:
-            self._release(t)
-            self.counters["evicted"] += 1
-            if not full():
-                return True
-        return not full()
+        events: list[TableEvent] = []
+        while full():
+            if self._per_mark[mark] >= self.config.max_tunnels_per_mark:
+                victim_mark = mark if self._unestablished.get(mark) else None
+            else:
+                with_candidates = [m for m, q in self._unestablished.items() if q]
+                victim_mark = max(with_candidates, key=lambda m: self._per_mark[m], default=None)
+            if victim_mark is None:
+                break
+            t = next(iter(self._unestablished[victim_mark].values()))
+            events.extend(self._release(t, "evicted"))
+            self._remember_evicted(t.peer, t.visible_tid, t.mark, now)
+        return not full(), tuple(events)
+
+    def _forget_unestablished(self, t: Tunnel) -> None:
+        q = self._unestablished.get(t.mark)
+        if q is not None and q.pop(id(t), None) is not None and not q:
+            del self._unestablished[t.mark]
 
     def _alias_rewrite(self, msg: L2tpMessage, t: Tunnel) -> tuple[Rewrite, ...]:
         """Rewrite the Assigned Tunnel ID AVP of an inbound SCCRQ/StopCCN to the tunnel's alias."""
@@ -432,11 +522,16 @@ class Engine:
             now = self._clock()
         self._next_expiry = now + 1.0
         cfg = self.config
+        while self._evicted:
+            key, gone = next(iter(self._evicted.items()))
+            if now < gone.until:
+                break
+            del self._evicted[key]
         events: list[TableEvent] = []
         for t in list(self._by_out.values()):
             if t.closing_since is not None and now - t.closing_since >= cfg.hold_time:
                 events.extend(self._release(t, "released_stopccn"))
-            elif now - t.last_seen >= cfg.idle_timeout:
+            elif now - t.lns_seen >= cfg.idle_timeout:  # the LNS went silent (see module doc)
                 events.extend(self._release(t, "released_idle"))
             elif t.our_tid is None and now - t.created >= cfg.pending_timeout:
                 events.extend(self._release(t, "released_pending"))
@@ -454,8 +549,7 @@ class Engine:
         del self._by_out[(addr, port, t.visible_tid)]
         if self._by_client.get((addr, port, t.mark, t.client_tid)) is t:
             del self._by_client[(addr, port, t.mark, t.client_tid)]
-        if t.our_tid is not None and self._by_in.get((addr, port, t.our_tid)) is t:
-            del self._by_in[(addr, port, t.our_tid)]
+        self._unindex(t)
         used = self._visible.get(addr)
         if used is not None:
             used.discard(t.visible_tid)
@@ -464,6 +558,7 @@ class Engine:
         self._per_mark[t.mark] -= 1
         if self._per_mark[t.mark] <= 0:
             del self._per_mark[t.mark]
+        self._forget_unestablished(t)
         if why:
             self.counters[why] += 1
         return (TableEvent("release", t.peer, t.visible_tid, t.client_tid, t.our_tid, t.mark),)
@@ -473,6 +568,7 @@ class Engine:
         events: list[TableEvent] = []
         for t in list(self._by_out.values()):
             events.extend(self._release(t))
+        self._evicted.clear()
         return events
 
     # ---------------------------------------------------------------- persistence
@@ -486,6 +582,7 @@ class Engine:
                 "client_tid": t.client_tid, "visible_tid": t.visible_tid, "our_tid": t.our_tid,
                 "established": t.established,
                 "age": now - t.created, "idle": now - t.last_seen,
+                "idle_out": None if t.last_out is None else now - t.last_out,
                 "closing_for": None if t.closing_since is None else now - t.closing_since,
                 "packets_in": t.packets_in, "packets_out": t.packets_out, "conflicts": t.conflicts,
                 "sessions": [{"client_sid": s.client_sid, "our_sid": s.our_sid, "age": now - s.created,
@@ -517,8 +614,10 @@ class Engine:
             self._by_client[(t.peer.addr, t.peer.port, t.mark, t.client_tid)] = t
             self._visible.setdefault(t.peer.addr, set()).add(t.visible_tid)
             self._per_mark[t.mark] += 1
+            if not t.established:
+                self._unestablished.setdefault(t.mark, OrderedDict())[id(t)] = t
             if t.our_tid is not None:
-                self._by_in[(t.peer.addr, t.peer.port, t.our_tid)] = t
+                self._by_in.setdefault((t.peer.addr, t.peer.port, t.our_tid), []).append(t)
                 events.append(TableEvent("bind", t.peer, t.visible_tid, t.client_tid, t.our_tid, t.mark))
         return events
 
@@ -559,6 +658,11 @@ class Engine:
                        bool(d.get("established", False)),
                        None if closing is None else now - closing,
                        int(d.get("packets_in", 0)), int(d.get("packets_out", 0)), int(d.get("conflicts", 0)))
+            if "idle_out" in d:
+                idle_out = secs(d["idle_out"], "idle_out", True)
+                t.last_out = None if idle_out is None else now - idle_out
+            else:  # a state file written before the LNS's last packet was recorded
+                t.last_out = t.last_seen
             for s in d.get("sessions", []):
                 sc = secs(s.get("closing_for"), "closing_for", True)
                 sid = u16(s["client_sid"], "client_sid")

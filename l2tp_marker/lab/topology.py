@@ -1024,23 +1024,58 @@ class Lab:
         for n, spec in enumerate(self.config.clients, start=1):
             if n > 1 and stagger > 0:
                 time.sleep(stagger)
-            if spec.kind == "xl2tpd":
-                base = self.client_dir(n)
-                tracked = self._start_xl2tpd(
-                    f"c{n}", self.client_ns(n), base,
-                    lac_config(self.config, base / "l2tp-secrets", base / "ppp-options"),
-                    token=self.token_of(n), echo_peer=False)
-            else:
-                tracked = self._start_winclient(n, spec)
-            self._clients[n] = tracked
-            started.append(tracked)
-            self._save_registry()
+            started.append(self._start_client(n, spec))
         for tracked in started:
             if tracked.extra.get("pidfile") is not None:
                 self._wait_listening(tracked)
 
-    def winclient_argv(self, n: int) -> list[str]:
+    def start_client(self, n: int, *, tunnel_id: int | None = None,
+                     session_id: int | None = None) -> None:
+        """Start client N alone (a client that joins later, or one that reconnects); conntrack
+        is left as it is.  A ``win`` client may be given other IDs than its spec (Windows
+        reconnects with its next tunnel ID)."""
+        self._check_index(n)
+        old = self._clients.get(n)
+        if old is not None and old.proc.poll() is None:
+            raise LabError(f"client {n} already runs")
         spec = self.config.clients[n - 1]
+        if tunnel_id is not None or session_id is not None:
+            if spec.kind != "win":
+                raise LabError("only win clients take other IDs")
+            spec = ClientSpec("win", tunnel_id or spec.tunnel_id, session_id or spec.session_id)
+        if old is not None:
+            self._past_pids.append({"pid": old.proc.pid, "starttime": old.starttime,
+                                    "name": old.name})
+        tracked = self._start_client(n, spec)
+        if tracked.extra.get("pidfile") is not None:
+            self._wait_listening(tracked)
+
+    def stop_client(self, n: int) -> None:
+        """Stop client N (SIGTERM by PID; a win client tears its tunnel down first)."""
+        tracked = self._clients.pop(n, None)
+        if tracked is None:
+            return
+        self._past_pids.append({"pid": tracked.proc.pid, "starttime": tracked.starttime,
+                                "name": tracked.name})
+        stop_popen(tracked.proc)
+        self._kill_standins(self.client_dir(n) / "ppp")
+        self._save_registry()
+
+    def _start_client(self, n: int, spec: ClientSpec) -> _Tracked:
+        if spec.kind == "xl2tpd":
+            base = self.client_dir(n)
+            tracked = self._start_xl2tpd(
+                f"c{n}", self.client_ns(n), base,
+                lac_config(self.config, base / "l2tp-secrets", base / "ppp-options"),
+                token=self.token_of(n), echo_peer=False)
+        else:
+            tracked = self._start_winclient(n, spec)
+        self._clients[n] = tracked
+        self._save_registry()
+        return tracked
+
+    def winclient_argv(self, n: int, spec: ClientSpec | None = None) -> list[str]:
+        spec = spec or self.config.clients[n - 1]
         return (self.ns_exec(self.client_ns(n))
                 + [sys.executable, "-m", "l2tp_marker.lab.winclient",
                    "--server", self.config.gw_ip,
@@ -1057,7 +1092,7 @@ class Lab:
         status = self.status_file(n)
         if status.exists():
             status.unlink()
-        return self._spawn(f"c{n}", self.winclient_argv(n), self.client_dir(n) / "winclient.log",
+        return self._spawn(f"c{n}", self.winclient_argv(n, spec), self.client_dir(n) / "winclient.log",
                            env=self._python_env())
 
     def stop_clients(self) -> None:
