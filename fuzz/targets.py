@@ -87,15 +87,6 @@ ALLOWED_REASONS = frozenset(v for mod in (_engine_mod, _judge_mod) for k, v in v
 # --------------------------------------------------------------------------- helpers
 
 
-def _ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
 def _ip_aton(addr: str) -> bytes:
     import ipaddress
 
@@ -119,7 +110,7 @@ def wrap_udp(payload: bytes, src: str, dst: str, sport: int, dport: int, *, zero
     if len(s) == 4:
         total = 20 + ulen
         hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total & 0xFFFF, 1, 0, 64, 17, 0, s, d))
-        struct.pack_into("!H", hdr, 10, (~_ones_sum(bytes(hdr))) & 0xFFFF)
+        struct.pack_into("!H", hdr, 10, (~codec.ones_sum(bytes(hdr))) & 0xFFFF)
         pseudo = s + d + struct.pack("!BBH", 0, 17, ulen & 0xFFFF)
     else:
         hdr = bytearray(struct.pack("!IHBB16s16s", 6 << 28, ulen & 0xFFFF, 17, 64, s, d))
@@ -127,7 +118,7 @@ def wrap_udp(payload: bytes, src: str, dst: str, sport: int, dport: int, *, zero
         zero_checksum = False
     udp = bytearray(struct.pack("!HHHH", sport, dport, ulen & 0xFFFF, 0) + payload)
     if not zero_checksum:
-        csum = (~_ones_sum(pseudo + bytes(udp))) & 0xFFFF or 0xFFFF
+        csum = (~codec.ones_sum(pseudo + bytes(udp))) & 0xFFFF or 0xFFFF
         struct.pack_into("!H", udp, 6, csum)
     return bytes(hdr) + bytes(udp)
 

@@ -320,8 +320,11 @@ def udp_checksum_ok(pkt: bytes, datagram: UdpDatagram) -> bool:
         pseudo = bytes(pkt[12:20]) + bytes([0, 17]) + _U16.pack(len(seg))
     else:
         pseudo = bytes(pkt[8:40]) + struct.pack("!I", len(seg)) + b"\x00\x00\x00\x11"
-    data = pseudo + seg
+    return ones_sum(pseudo + seg) == 0xFFFF
+
+
+def ones_sum(data: bytes) -> int:
+    """The 16-bit ones' complement sum of ``data`` (RFC 1071), padded with a zero byte if odd."""
     if len(data) % 2:
         data += b"\x00"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    return _fold(s) == 0xFFFF
+    return _fold(sum(struct.unpack(f"!{len(data) // 2}H", data)))

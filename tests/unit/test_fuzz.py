@@ -141,15 +141,6 @@ MARKS = [0, MARK_A, MARK_B, MARK_C, MARK_D]
 # --------------------------------------------------------------------------- packet helpers
 
 
-def _ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
 def fixup(pkt: bytes) -> bytes:
     """Repair IP / UDP lengths, the IPv4 header checksum and the UDP checksum where the headers allow."""
     out = bytearray(pkt)
@@ -163,7 +154,7 @@ def fixup(pkt: bytes) -> bytes:
         out[7] = 0
         out[9] = 17
         struct.pack_into("!H", out, 10, 0)
-        struct.pack_into("!H", out, 10, (~_ones_sum(bytes(out[:ihl]))) & 0xFFFF)
+        struct.pack_into("!H", out, 10, (~codec.ones_sum(bytes(out[:ihl]))) & 0xFFFF)
         udp, pseudo = ihl, bytes(out[12:20]) + bytes([0, 17]) + struct.pack("!H", n - ihl)
     elif n >= 48 and out[0] >> 4 == 6:
         struct.pack_into("!H", out, 4, n - 40)
@@ -173,7 +164,7 @@ def fixup(pkt: bytes) -> bytes:
         return bytes(out)
     struct.pack_into("!H", out, udp + 4, n - udp)
     struct.pack_into("!H", out, udp + 6, 0)
-    csum = (~_ones_sum(pseudo + bytes(out[udp:]))) & 0xFFFF or 0xFFFF
+    csum = (~codec.ones_sum(pseudo + bytes(out[udp:]))) & 0xFFFF or 0xFFFF
     struct.pack_into("!H", out, udp + 6, csum)
     return bytes(out)
 
