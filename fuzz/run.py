@@ -82,6 +82,21 @@ def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
 
 
+def code_state() -> str:
+    """The code being fuzzed: the git commit, and the files of the package that differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "l2tp_marker", "fuzz/targets.py"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    changed = sorted(line[3:] for line in status.splitlines() if line.strip())
+    return head + (f" + uncommitted {', '.join(changed)}" if changed else "")
+
+
 def write_seeds(target: str, directory: Path) -> int:
     from fuzz.targets import seed_inputs
 
@@ -367,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         mode = "mutate"
     elif mode == "auto":
         mode = "atheris"
-    print(f"fuzzing {args.target} for {args.seconds:g} s ({mode})", flush=True)
+    code = code_state()  # taken before the run: the worker imports the code as it is now
+    print(f"fuzzing {args.target} for {args.seconds:g} s ({mode}), code {code}", flush=True)
     if mode == "atheris":
         result = run_atheris(args.target, args.seconds, corpus_dir=corpus, crashes=args.crashes,
                              rss_limit_mb=args.rss_limit_mb, timeout=args.timeout, max_len=args.max_len, log=args.log)
@@ -377,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_len=args.max_len, progress=lambda s: print(f"  {s}", flush=True))
     result["command"] = shlex.join([os.path.relpath(sys.executable, ROOT) if Path(sys.executable).is_relative_to(ROOT)
                                     else "python3", "fuzz/run.py", *argv])
+    result["code"] = code
     result["python"] = sys.version.split()[0]
     result["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     print(format_result(result), flush=True)
