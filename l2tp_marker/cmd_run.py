@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--repair-interval", type=float, help="seconds between rule checks (default 5)")
     p.add_argument("--control-socket", type=Path,
                    help="Unix socket for `status` (default /run/l2tp-marker/control.sock)")
+    p.add_argument("--fastpath", choices=("auto", "on", "off"),
+                   help="kernel fast path for data packets of known tunnels: use it if the kernel can "
+                        "(auto, default), require it (on) or never use it (off)")
     add_engine_options(p)
     p.set_defaults(func=_cmd_run)
 
@@ -45,7 +48,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         over = {k: getattr(args, k) for k in ("queue_in", "queue_out", "inbound_match", "chain_prefix",
                                                "state_file", "decision_log", "control_socket",
                                                "metrics_listen", "metrics_textfile", "metrics_interval",
-                                               "repair_interval") if getattr(args, k) is not None}
+                                               "repair_interval", "fastpath") if getattr(args, k) is not None}
         cfg = replace(cfg, engine=engine_config_from_args(args, cfg.engine), **over)
     except (ConfigError, ValueError) as exc:
         print(f"l2tp-marker run: {exc}", file=sys.stderr)

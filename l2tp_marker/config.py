@@ -40,6 +40,11 @@ class DaemonConfig:
     metrics_listen: str | None = None
     metrics_textfile: Path | None = None
     metrics_interval: float = 15.0
+    # Kernel fast path for data packets of known tunnels: "auto" uses it where the kernel supports
+    # it and falls back to the per-packet path (saying so) where not, "on" refuses to start
+    # without it, "off" never uses it.
+    fastpath: str = "auto"
+    fastpath_bit: int = 0x80000000
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -55,6 +60,11 @@ class DaemonConfig:
             raise ConfigError(f"backend {self.backend!r} is not known (iptables-legacy)")
         if not self.chain_prefix or len(self.chain_prefix) > 20 or not self.chain_prefix.replace("-", "").isalnum():
             raise ConfigError("chain_prefix must be 1-20 letters, digits or dashes")
+        if self.fastpath not in ("auto", "on", "off"):
+            raise ConfigError(f"fastpath must be 'auto', 'on' or 'off', not {self.fastpath!r}")
+        b = self.fastpath_bit
+        if not isinstance(b, int) or isinstance(b, bool) or not 0 < b <= 0xFFFFFFFF or b & (b - 1):
+            raise ConfigError(f"fastpath_bit must be one bit of the 32-bit mark (e.g. 0x80000000), not {b!r}")
         for name in ("state_interval", "repair_interval", "metrics_interval"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")

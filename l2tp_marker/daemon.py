@@ -24,6 +24,7 @@ from .config import DaemonConfig
 from .control import ControlServer, status_snapshot
 from .metrics import MetricsServer, read_queue_stats, render, write_textfile
 from .engine import IN, OUT, R_CONFLICT, Engine, TableEvent
+from .fastpath import FastTable, hot_verdict, table_name
 from .judge import judge_packet, record
 from .rules import RuleSet, build_rules
 from .state import load_state, save_state
@@ -35,9 +36,10 @@ class DaemonError(Exception):
     """The daemon cannot start or run (missing capability, queue busy...), with the reason."""
 
 
-def ruleset_for(cfg: DaemonConfig) -> RuleSet:
+def ruleset_for(cfg: DaemonConfig, *, kernel_fastpath: bool = False) -> RuleSet:
     return build_rules(prefix=cfg.chain_prefix, queue_in=cfg.queue_in, queue_out=cfg.queue_out,
-                       mark_mask=cfg.engine.mark_mask, inbound_match=cfg.inbound_match)
+                       mark_mask=cfg.engine.mark_mask, inbound_match=cfg.inbound_match,
+                       fastpath_bit=cfg.fastpath_bit if kernel_fastpath else None)
 
 
 class PacketHandler:
@@ -50,8 +52,13 @@ class PacketHandler:
     def __init__(self, engine: Engine, *, decision_log: IO[str] | None = None,
                  on_events: Callable[[tuple[TableEvent, ...]], None] | None = None,
                  wallclock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic,
+                 fast: FastTable | None = None):
         self.engine = engine
+        # The userspace fast path: data packets of known tunnels that still reach the queue are
+        # judged from the fast table alone (same match as the kernel's), skipping decode and engine.
+        self.fast = fast
+        self.hot_in = self.hot_out = 0
         self.decision_log = decision_log
         self.on_events = on_events
         self.wallclock = wallclock
@@ -71,6 +78,23 @@ class PacketHandler:
         try:
             payload = pkt.get_payload()
             mark_in = pkt.get_mark()
+            fast = self.fast
+            if fast is not None and self.decision_log is None:
+                h = hot_verdict(payload, direction, mark_in, fast, self.engine.config.mark_mask)
+                if h is not None:
+                    mark, new = h
+                    if new is not None:
+                        pkt.set_payload(new)
+                        applied_payload = True
+                    if mark is not None and mark != mark_in:
+                        pkt.set_mark(mark)
+                        applied_mark = True
+                    pkt.accept()
+                    if direction == IN:
+                        self.hot_in += 1
+                    else:
+                        self.hot_out += 1
+                    return
             v = judge_packet(self.engine, payload, direction, mark_in)
             d = v.decision
             self.by_dir_reason[(direction, d.reason)] += 1
@@ -138,7 +162,10 @@ class Daemon:
         self.backend = backend or get_backend(cfg.backend)
         self.ruleset = ruleset_for(cfg)
         self._log_file: IO[str] | None = None
-        self.handler = PacketHandler(self.engine, on_events=self._events)
+        self.fast = FastTable()
+        self.kernel = None  # KernelFastPath when the kernel fast path is in use
+        self.fastpath_mode, self.fastpath_reason = "off", "fastpath = off"
+        self.handler = PacketHandler(self.engine, on_events=self._events, fast=self.fast)
         self._queues: list = []
         self._control: ControlServer | None = None
         self._metrics: MetricsServer | None = None
@@ -150,6 +177,7 @@ class Daemon:
 
     # ---------------------------------------------------------------- events
     def _events(self, events: tuple[TableEvent, ...]) -> None:
+        self.fast.apply(events)
         for e in events:
             log.info("%s tunnel peer %s client-tid %d visible-tid %d gateway-tid %s mark %#x",
                      e.kind, e.peer, e.client_tid, e.visible_tid, e.our_tid, e.mark)
@@ -162,6 +190,7 @@ class Daemon:
         events = load_state(self.engine, self.cfg.state_file)
         if events:
             self._events(tuple(events))
+        self._choose_fastpath()
         if self.cfg.decision_log is not None:
             self.cfg.decision_log.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.cfg.decision_log, "a", buffering=1)
@@ -172,6 +201,11 @@ class Daemon:
         except BackendError:
             self._unbind_queues()
             raise
+        if self.kernel is not None:
+            try:
+                self.kernel.install(self.fast)
+            except BackendError as exc:
+                self._kernel_failed(f"installing the fast path failed: {exc}")
         try:
             self._control = ControlServer(self.cfg.control_socket, self._control_request)
         except OSError as exc:
@@ -185,7 +219,71 @@ class Daemon:
         log.info("rules installed (%s, chains %s); queues in=%d out=%d; %d tunnels in table",
                  self.backend.name, ", ".join(self.ruleset.chains), self.cfg.queue_in,
                  self.cfg.queue_out, len(self.engine))
+        if self.kernel is not None:
+            log.info("kernel fast path on: nftables table ip %s (%d outbound, %d inbound entries); "
+                     "aliased tunnels stay on the per-packet path", self.kernel.table,
+                     len(self.kernel.out), len(self.kernel.inb))
+        else:
+            log.log(logging.WARNING if self.cfg.fastpath == "auto" else logging.INFO,
+                    "kernel fast path not in use (%s): every L2TP packet is judged in userspace",
+                    self.fastpath_reason)
 
+    # ---------------------------------------------------------------- fast path
+    def _choose_fastpath(self) -> None:
+        if self.cfg.fastpath == "off":
+            return
+        from .backends.nft_fastpath import KernelFastPath  # noqa: PLC0415 - ctypes, live path only
+
+        kernel = KernelFastPath(table_name(self.cfg.chain_prefix), self.cfg.fastpath_bit)
+        ok, why = kernel.is_supported()
+        if not ok:
+            kernel.close()
+            if self.cfg.fastpath == "on":
+                raise DaemonError(f"fastpath = on, but the kernel fast path is not available: {why}")
+            self.fastpath_mode, self.fastpath_reason = "fallback", why
+            return
+        self.kernel = kernel
+        self.fastpath_mode, self.fastpath_reason = "kernel", why
+        self.ruleset = ruleset_for(self.cfg, kernel_fastpath=True)
+
+    def _kernel_failed(self, why: str) -> None:
+        """The kernel fast path broke: fall back to the per-packet path (the legacy rules still
+        queue every packet without the bit, so nothing is lost), or stop if it is required."""
+        log.error("%s", why)
+        kernel, self.kernel = self.kernel, None
+        self.fastpath_mode, self.fastpath_reason = "fallback", why
+        if kernel is not None:
+            try:
+                kernel.remove()
+            except BackendError as exc:
+                log.error("%s", exc)
+            kernel.close()
+        if self.cfg.fastpath == "on":
+            raise DaemonError(why)
+
+    def sync_fastpath(self) -> None:
+        """Send the fast table's changes to the kernel (one transaction)."""
+        if self.kernel is None:
+            self.fast.take_dirty()  # nothing follows them: do not let them pile up
+            return
+        try:
+            self.kernel.sync(self.fast)
+        except Exception as exc:  # the packet path must go on; the legacy rules still queue
+            self.counters["fastpath_errors"] += 1
+            log.error("fast-path update failed: %s", exc)
+
+    def fastpath_status(self) -> dict:
+        k = self.kernel
+        aliased = sum(1 for key, (_, ctid) in self.fast.out.items() if ctid != key[2])
+        st = {"mode": self.fastpath_mode, "reason": self.fastpath_reason, "setting": self.cfg.fastpath,
+              "bit": self.cfg.fastpath_bit, "table": k.table if k else None,
+              "out_entries": len(k.out) if k else 0, "in_entries": len(k.inb) if k else 0,
+              "userspace_tunnels": len(self.fast.out), "aliased_tunnels": aliased,
+              "userspace_packets_in": self.handler.hot_in, "userspace_packets_out": self.handler.hot_out}
+        if k is not None:
+            st.update(k.stats)
+            st.update(k.counters())
+        return st
     def metrics_text(self) -> str:
         return render(self.engine, by_dir_reason=dict(self.handler.by_dir_reason),
                       daemon_counters={**self.counters, "errors": self.handler.stats.get("errors", 0)},
@@ -195,12 +293,21 @@ class Daemon:
     def check_rules(self) -> bool:
         """Put the rules back if something removed or changed them; True if a repair was needed."""
         problems = self.backend.check(self.ruleset)
-        if not problems:
-            return False
-        log.warning("rules damaged (%s); reinstalling", "; ".join(problems))
-        self.backend.install(self.ruleset)
-        self.counters["rule_repairs"] += 1
-        return True
+        kproblems = self.kernel.check() if self.kernel is not None else []
+        if problems:
+            log.warning("rules damaged (%s); reinstalling", "; ".join(problems))
+            self.backend.install(self.ruleset)
+            self.counters["rule_repairs"] += 1
+        if kproblems and self.kernel is not None:
+            log.warning("fast path damaged (%s); reinstalling it with its %d entries", "; ".join(kproblems),
+                        len(self.kernel.out) + len(self.kernel.inb))
+            try:
+                self.kernel.install(self.fast)
+                self.kernel.stats["reinstalls"] += 1
+            except BackendError as exc:
+                self._kernel_failed(f"reinstalling the fast path failed: {exc}")
+            self.counters["rule_repairs"] += 1
+        return bool(problems or kproblems)
 
     def _control_request(self, req: dict) -> dict:
         if req.get("cmd") != "status":
@@ -212,7 +319,8 @@ class Daemon:
                        "inbound_match": self.cfg.inbound_match, "mark_mask": self.cfg.engine.mark_mask,
                        "enforce": self.cfg.engine.enforce,
                        "state_file": str(self.cfg.state_file)},
-            "rule_problems": self.backend.check(self.ruleset),
+            "fastpath": self.fastpath_status(),
+            "rule_problems": self.backend.check(self.ruleset) + (self.kernel.check() if self.kernel else []),
             "rule_repairs": self.counters.get("rule_repairs", 0),
         })
 
@@ -244,6 +352,13 @@ class Daemon:
             self.save()
         except OSError as exc:
             log.error("could not save state to %s: %s", self.cfg.state_file, exc)
+        if self.kernel is not None:
+            # First, so no packet leaves with the fast path's bit after the legacy rules that clear it are gone.
+            try:
+                self.kernel.remove()
+                log.info("fast path removed")
+            except BackendError as exc:
+                log.error("%s", exc)
         try:
             self.backend.remove(self.ruleset)
             log.info("rules removed")
@@ -325,12 +440,14 @@ class Daemon:
                         key.data.serve_one()
                     else:
                         key.data.run(block=False)
+                        self.sync_fastpath()
                 now = time.monotonic()
                 if now >= next_expire:
                     events = self.engine.expire()
                     if events:
                         self.handler.dirty = self.handler.urgent = True
                         self._events(tuple(events))
+                        self.sync_fastpath()
                     next_expire = now + 1.0
                 if now >= next_repair:
                     try:

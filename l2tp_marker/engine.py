@@ -92,9 +92,14 @@ class Rewrite:
 
 @dataclass(frozen=True, slots=True)
 class TableEvent:
-    """A tunnel bound (its LNS tunnel ID is known) or released; feeds the kernel fast path."""
+    """A change of the table that the fast paths (kernel map, userspace cache) follow.
 
-    kind: str  # "bind" | "release"
+    ``learn``: a tunnel entered the table (its SCCRQ; the key of its outbound packets is known, the
+    LNS's tunnel ID not yet). ``bind``: the LNS's tunnel ID became known (its SCCRP), so inbound
+    packets can be recognised. ``release``: the tunnel left the table.
+    """
+
+    kind: str  # "learn" | "bind" | "release"
     peer: Peer
     visible_tid: int
     client_tid: int
@@ -421,6 +426,7 @@ class Engine:
         self._by_client[key] = t
         self._per_mark[mark] += 1
         self._unestablished.setdefault(mark, OrderedDict())[id(t)] = t
+        events += (TableEvent("learn", peer, visible, client_tid, None, mark),)
         if visible == client_tid:
             return Decision(R_LEARNED, events=events)
         return Decision(R_ALIASED, rewrites=self._alias_rewrite(msg, t), events=events)
@@ -596,7 +602,8 @@ class Engine:
         """Load a snapshot made by :meth:`export_state`, replacing the table.
 
         Raises ``ValueError`` with a clear message for anything that is not a valid snapshot; the
-        table is then left empty. Returns "bind" events for the tunnels whose LNS ID is known.
+        table is then left empty. Returns a "learn" event per tunnel, followed by a "bind" event for the
+        tunnels whose LNS ID is known.
         """
         self.clear()
         try:
@@ -616,6 +623,7 @@ class Engine:
             self._per_mark[t.mark] += 1
             if not t.established:
                 self._unestablished.setdefault(t.mark, OrderedDict())[id(t)] = t
+            events.append(TableEvent("learn", t.peer, t.visible_tid, t.client_tid, None, t.mark))
             if t.our_tid is not None:
                 self._by_in.setdefault((t.peer.addr, t.peer.port, t.our_tid), []).append(t)
                 events.append(TableEvent("bind", t.peer, t.visible_tid, t.client_tid, t.our_tid, t.mark))

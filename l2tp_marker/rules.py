@@ -27,12 +27,14 @@ class Rule:
     sport: int | None = None
     dport: int | None = None
     mark_nonzero_mask: int | None = None  # `-m mark ! --mark 0/MASK`
+    bit_clear: int | None = None          # `-m mark ! --mark BIT/BIT` (the fast path did not handle it)
     ipsec_in: bool = False                # `-m policy --dir in --pol ipsec`
     queue_num: int | None = None          # NFQUEUE target
     queue_bypass: bool = False
     comment: str = COMMENT
     nflog_group: int | None = None        # NFLOG target (`l2tp-marker capture`)
     nflog_threshold: int | None = None    # NFLOG: packets the kernel batches before sending (1 = none)
+    clear_bits: int | None = None         # MARK target: `--set-xmark 0/BITS`
 
     def argv(self) -> list[str]:
         """The rule in iptables syntax (without the table and the -A CHAIN)."""
@@ -45,6 +47,8 @@ class Rule:
                 a += ["--dport", str(self.dport)]
         if self.mark_nonzero_mask is not None:
             a += ["-m", "mark", "!", "--mark", f"0x0/{self.mark_nonzero_mask:#x}"]
+        if self.bit_clear is not None:
+            a += ["-m", "mark", "!", "--mark", f"{self.bit_clear:#x}/{self.bit_clear:#x}"]
         if self.ipsec_in:
             a += ["-m", "policy", "--dir", "in", "--pol", "ipsec"]
         a += ["-m", "comment", "--comment", self.comment]
@@ -53,6 +57,8 @@ class Rule:
             a += ["--queue-num", str(self.queue_num)]
             if self.queue_bypass:
                 a.append("--queue-bypass")
+        elif self.target == "MARK":
+            a += ["--set-xmark", f"0x0/{self.clear_bits:#x}"]
         elif self.target == "NFLOG":
             if self.nflog_group is not None:
                 a += ["--nflog-group", str(self.nflog_group)]
@@ -79,16 +85,25 @@ class RuleSet:
 
 
 def build_rules(*, prefix: str, queue_in: int, queue_out: int, mark_mask: int,
-                inbound_match: str) -> RuleSet:
-    """The marker's rule set for one configuration."""
+                inbound_match: str, fastpath_bit: int | None = None) -> RuleSet:
+    """The marker's rule set for one configuration.
+
+    With the kernel fast path (``fastpath_bit``), a packet the fast path handled carries that bit:
+    it is not queued, and the bit is cleared (outbound: the kernel then reroutes on the exact SA
+    mark, which is what selects the SA). Every other packet is queued as before.
+    """
     chain_in, chain_out = f"{prefix}-IN", f"{prefix}-OUT"
-    rules = (
-        Rule(chain_in, "NFQUEUE", dport=L2TP_PORT, mark_nonzero_mask=mark_mask,
+    rules = [
+        Rule(chain_in, "NFQUEUE", dport=L2TP_PORT, mark_nonzero_mask=mark_mask, bit_clear=fastpath_bit,
              ipsec_in=inbound_match == "ipsec", queue_num=queue_in, queue_bypass=True),
-        Rule(chain_out, "NFQUEUE", sport=L2TP_PORT, queue_num=queue_out, queue_bypass=True),
-    )
+        Rule(chain_out, "NFQUEUE", sport=L2TP_PORT, bit_clear=fastpath_bit, queue_num=queue_out,
+             queue_bypass=True),
+    ]
+    if fastpath_bit is not None:
+        rules.insert(1, Rule(chain_in, "MARK", dport=L2TP_PORT, clear_bits=fastpath_bit))
+        rules.append(Rule(chain_out, "MARK", sport=L2TP_PORT, clear_bits=fastpath_bit))
     jumps = (
         Rule("INPUT", chain_in, dport=L2TP_PORT),
         Rule("OUTPUT", chain_out, sport=L2TP_PORT),
     )
-    return RuleSet("mangle", (chain_in, chain_out), rules, jumps)
+    return RuleSet("mangle", (chain_in, chain_out), tuple(rules), jumps)

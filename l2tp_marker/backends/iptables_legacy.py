@@ -61,6 +61,9 @@ def to_iptc(rule: Rule):
     if rule.mark_nonzero_mask is not None:
         m = r.create_match("mark")
         m.mark = f"!0x0/{rule.mark_nonzero_mask:#x}"
+    if rule.bit_clear is not None:
+        m = r.create_match("mark")
+        m.mark = f"!{rule.bit_clear:#x}/{rule.bit_clear:#x}"
     if rule.ipsec_in:
         m = r.create_match("policy")
         m.dir = "in"
@@ -72,6 +75,8 @@ def to_iptc(rule: Rule):
         t.queue_num = str(rule.queue_num)
         if rule.queue_bypass:
             t.queue_bypass = ""
+    elif rule.target == "MARK":
+        t.set_xmark = f"0x0/{rule.clear_bits:#x}"
     elif rule.target == "NFLOG":
         if rule.nflog_group is not None:
             t.nflog_group = str(rule.nflog_group)

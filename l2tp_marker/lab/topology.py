@@ -10,7 +10,7 @@ is simulated by its own veth link.  Layout for prefix ``P`` and N clients::
 
 In ``P-gw`` the legacy mangle table carries the strongSwan connmark plugin's rules, one set per
 client N with mark N (like ``mark = %unique``): PREROUTING ``-i cN`` MARK N plays the decrypting SA,
-INPUT CONNMARK ``--set-xmark N`` plays the ``-m policy`` rule, OUTPUT restores the connmark when
+INPUT ``-i cN`` CONNMARK ``--set-xmark N`` plays the ``-m policy --spi`` rule, OUTPUT restores the connmark when
 the packet has no mark.  ``ip rule fwmark N lookup 100+N`` routes 192.0.2.10 over ``cN`` (the
 outbound SA chosen by the mark); unmarked packets follow the main table into ``dead``.
 
@@ -186,8 +186,10 @@ def mangle_rules(config: LabConfig) -> list[list[str]]:
         mark = f"{mark_of(n):#x}"
         rules.append([IPTABLES, "-t", "mangle", "-I", "PREROUTING", "1", "-i", client_ifname(n),
                       "-j", "MARK", "--set-xmark", f"{mark}/{MARK_MASK}"])
+        # The plugin's INPUT rule matches the SA (`-m policy --spi`); the SA is the client's link here.
+        # (Not `-m mark`: the kernel fast path sets a reserved bit on the marks of known tunnels.)
         rules.append([IPTABLES, "-t", "mangle", "-I", "INPUT", "1", "-s", nat, "-d", gw,
-                      "-m", "mark", "--mark", mark,
+                      "-i", client_ifname(n),
                       "-j", "CONNMARK", "--set-xmark", f"{mark}/{MARK_MASK}"])
         rules.append([IPTABLES, "-t", "mangle", "-I", "OUTPUT", "1", "-s", gw, "-d", nat,
                       "-m", "mark", "--mark", f"0x0/{MARK_MASK}",
@@ -206,7 +208,7 @@ def expected_mangle_listing(config: LabConfig) -> list[str]:
              ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")]
     lines += [f"-A PREROUTING -i {client_ifname(n)} -j MARK --set-xmark {mark_of(n):#x}/{MARK_MASK}"
               for n in order]
-    lines += [f"-A INPUT -s {nat} -d {gw} -m mark --mark {mark_of(n):#x} "
+    lines += [f"-A INPUT -s {nat} -d {gw} -i {client_ifname(n)} "
               f"-j CONNMARK --set-xmark {mark_of(n):#x}/{MARK_MASK}" for n in order]
     lines += [f"-A OUTPUT -s {gw} -d {nat} -m mark --mark 0x0 "
               f"-j CONNMARK --restore-mark --nfmask {MARK_MASK} --ctmask {MARK_MASK}"
@@ -920,6 +922,10 @@ class Lab:
     def mangle_listing(self) -> list[str]:
         """``iptables-legacy -t mangle -S`` in the gateway."""
         return self.gw_run([IPTABLES, "-t", "mangle", "-S"], check=True).stdout.splitlines()
+
+    def nft_tables(self) -> list[str]:
+        """``nft list tables`` in the gateway (the marker's fast path lives in ``table ip l2tp_marker``)."""
+        return self.gw_run(["nft", "list", "tables"], check=True).stdout.splitlines()
 
     # -- xl2tpd ---------------------------------------------------------------------------
     def _standin_path(self) -> Path:

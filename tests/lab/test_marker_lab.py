@@ -147,15 +147,19 @@ def test_sigkill_falls_back_to_connmark_and_next_start_cleans_up(make_lab):
         lab.stop_observer()
         assert marker.stop(signal.SIGKILL) == -signal.SIGKILL
         leftover = marker_rules(lab)
-        assert len(leftover) == 6  # nothing removed them: a crash
-        # With the daemon dead, --queue-bypass lets every packet through on its connmark.
+        assert len(leftover) == 8  # nothing removed them: a crash (2 chains, 2 jumps, queue + bit clear each)
+        assert lab.nft_tables() == ["table ip l2tp_marker"]
+        # With the daemon dead, --queue-bypass lets every packet through: on its connmark, or on the
+        # mark the leftover fast path gives known tunnels (the leftover legacy rules clear its bit).
         dead = observe(lab, 2.0)
         assert sum(c.packets_out for c in dead.clients) > 0, dead.format()
         assert dead.unmarked == 0, dead.format()
         # The next start removes the leftovers instead of stacking a second set.
         marker.start()
         assert sorted(marker_rules(lab)) == sorted(leftover)
+        assert lab.nft_tables() == ["table ip l2tp_marker"]
         healed = observe(lab, SETTLE)
         marker.stop()
         assert marker_rules(lab) == []
+        assert lab.nft_tables() == []
     assert_isolated(healed, check_foreign=False)

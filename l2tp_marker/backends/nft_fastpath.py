@@ -1,0 +1,270 @@
+"""The kernel fast path's adapter: libnftables (``libnftables.so.1``, from the nftables package)
+through ctypes, in the daemon's own network namespace.
+
+Only this module changes the fast path's nftables table. It keeps what it installed, so every
+synchronisation sends only the difference, in one transaction; a failed transaction is retried
+element by element so one bad element cannot keep the others out. What to install comes from
+:mod:`l2tp_marker.fastpath` (pure).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+
+from .. import fastpath as fp
+from . import BackendError
+
+log = logging.getLogger(__name__)
+
+_OUTPUT_JSON = 1 << 4
+_OUTPUT_TERSE = 1 << 11
+
+
+class Nft:
+    """A libnftables context: ``run(text) -> (rc, output, error)``."""
+
+    def __init__(self, soname: str = "libnftables.so.1"):
+        try:
+            lib = ctypes.CDLL(soname)
+        except OSError as exc:
+            raise BackendError(f"libnftables is not available ({exc}); install the nftables package") from None
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+        for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = ctypes.c_char_p
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_output_get_flags.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_get_flags.restype = ctypes.c_uint
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        self._lib = lib
+        self._ctx = lib.nft_ctx_new(0)
+        if not self._ctx:
+            raise BackendError("libnftables: cannot create a context")
+        lib.nft_ctx_buffer_output(self._ctx)
+        lib.nft_ctx_buffer_error(self._ctx)
+
+    def run(self, text: str, *, json_out: bool = False) -> tuple[int, str, str]:
+        lib, ctx = self._lib, self._ctx
+        flags = lib.nft_ctx_output_get_flags(ctx)
+        want = (flags | _OUTPUT_JSON | _OUTPUT_TERSE) if json_out else (flags & ~(_OUTPUT_JSON | _OUTPUT_TERSE))
+        lib.nft_ctx_output_set_flags(ctx, want)
+        rc = lib.nft_run_cmd_from_buffer(ctx, text.encode())
+        out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+        err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+        return rc, out, err
+
+    def close(self) -> None:
+        if self._ctx:
+            self._lib.nft_ctx_free(self._ctx)
+            self._ctx = None
+
+
+class KernelFastPath:
+    """Installs, fills, checks and removes the fast path's table (``ip <table>``)."""
+
+    def __init__(self, table: str, bit: int = fp.DEFAULT_BIT, nft: Nft | None = None):
+        self.table = table
+        self.bit = bit
+        self._nft = nft
+        self.out: dict[fp.OutKey, int] = {}   # what the kernel map holds (as far as we know)
+        self.inb: set[fp.InKey] = set()
+        self.stats = {"commits": 0, "elements_added": 0, "elements_deleted": 0, "errors": 0,
+                      "reinstalls": 0, "last_commit_ms": 0.0}
+        self.installed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def nft(self) -> Nft:
+        if self._nft is None:
+            self._nft = Nft()
+        return self._nft
+
+    def is_supported(self) -> tuple[bool, str]:
+        """Can this kernel run the fast path? Tries the real table under a scratch name."""
+        if os.geteuid() != 0:
+            return False, "needs root (CAP_NET_ADMIN)"
+        try:
+            nft = self.nft
+        except BackendError as exc:
+            return False, str(exc)
+        probe = f"{self.table}_probe"[:60]
+        rc, _, err = nft.run(fp.table_script(probe, self.bit))
+        nft.run(fp.delete_script(probe))
+        if rc != 0:
+            return False, "nftables cannot build the fast-path table: " + " ".join(err.split())[:300]
+        return True, "nftables route chain with a tunnel map"
+
+    def install(self, table: fp.FastTable) -> None:
+        """(Re)create the table and put every entry of ``table`` in it, in one transaction."""
+        out_add = [(k, v) for k in table.out if (v := fp.kernel_out_value(k, table.out[k], self.bit)) is not None]
+        in_add = [k for k in table.inb if fp.kernel_in_ok(k, self.bit)]
+        script = fp.table_script(self.table, self.bit) + fp.element_script(self.table, [], out_add, [], in_add)
+        t0 = time.perf_counter()
+        rc, _, err = self.nft.run(script)
+        if rc != 0:
+            raise BackendError(f"cannot install nftables table ip {self.table}: {' '.join(err.split())[:400]}")
+        self.stats["last_commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        self.out = dict(out_add)
+        self.inb = set(in_add)
+        table.take_dirty()
+        self.installed = True
+        self.stats["elements_added"] += len(out_add) + len(in_add)
+
+    def remove(self) -> None:
+        """Delete the table (safe when it is not there)."""
+        if self._nft is None and not self.installed:
+            return
+        rc, _, err = self.nft.run(fp.delete_script(self.table))
+        self.installed = False
+        self.out.clear()
+        self.inb.clear()
+        if rc != 0:
+            raise BackendError(f"cannot delete nftables table ip {self.table}: {' '.join(err.split())[:300]}")
+
+    def close(self) -> None:
+        if self._nft is not None:
+            self._nft.close()
+            self._nft = None
+
+    # ------------------------------------------------------------------ elements
+    def sync(self, table: fp.FastTable) -> int:
+        """Bring the kernel in line with ``table``'s changed keys; returns the elements changed."""
+        dirty_out, dirty_in = table.take_dirty()
+        if not self.installed or (not dirty_out and not dirty_in):
+            return 0
+        out_del, out_add, in_del, in_add = [], [], [], []
+        for k in dirty_out:
+            want = fp.kernel_out_value(k, table.out.get(k), self.bit)
+            have = self.out.get(k)
+            if want == have:
+                continue
+            if have is not None:
+                out_del.append(k)
+            if want is not None:
+                out_add.append((k, want))
+        for k in dirty_in:
+            want = k in table.inb and fp.kernel_in_ok(k, self.bit)
+            have = k in self.inb
+            if want and not have:
+                in_add.append(k)
+            elif have and not want:
+                in_del.append(k)
+        if not (out_del or out_add or in_del or in_add):
+            return 0
+        t0 = time.perf_counter()
+        rc, _, err = self.nft.run(fp.element_script(self.table, out_del, out_add, in_del, in_add))
+        self.stats["last_commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        self.stats["commits"] += 1
+        if rc == 0:
+            self._applied(out_del, out_add, in_del, in_add)
+        else:
+            log.warning("fast-path update failed (%s); retrying element by element", " ".join(err.split())[:200])
+            self._one_by_one(out_del, out_add, in_del, in_add)
+        return len(out_del) + len(out_add) + len(in_del) + len(in_add)
+
+    def _applied(self, out_del, out_add, in_del, in_add) -> None:
+        for k in out_del:
+            self.out.pop(k, None)
+        for k, v in out_add:
+            self.out[k] = v
+        self.inb.difference_update(in_del)
+        self.inb.update(in_add)
+        self.stats["elements_added"] += len(out_add) + len(in_add)
+        self.stats["elements_deleted"] += len(out_del) + len(in_del)
+
+    def _one_by_one(self, out_del, out_add, in_del, in_add) -> None:
+        # A delete of an element that is gone (someone flushed the map) is not an error for us.
+        for k in out_del:
+            self.nft.run(fp.element_script(self.table, [k], [], [], []))
+            self.out.pop(k, None)
+        for k in in_del:
+            self.nft.run(fp.element_script(self.table, [], [], [k], []))
+            self.inb.discard(k)
+        for k, v in out_add:
+            rc, _, err = self.nft.run(fp.element_script(self.table, [], [(k, v)], [], []))
+            if rc == 0:
+                self.out[k] = v
+                self.stats["elements_added"] += 1
+            else:
+                self.stats["errors"] += 1
+                log.error("fast path: cannot add %s: %s (its data stays on the userspace path)",
+                          fp._elem_out(k, v), " ".join(err.split())[:200])
+        for k in in_add:
+            rc, _, err = self.nft.run(fp.element_script(self.table, [], [], [], [k]))
+            if rc == 0:
+                self.inb.add(k)
+                self.stats["elements_added"] += 1
+            else:
+                self.stats["errors"] += 1
+                log.error("fast path: cannot add %s: %s", fp._elem_in(k), " ".join(err.split())[:200])
+
+    # ------------------------------------------------------------------ checks and counters
+    # Read over netlink with pyroute2: libnftables would load every map element into its cache
+    # first (about a second with 100,000 tunnels), pyroute2 reads the rules alone (~2 ms).
+    def _read(self) -> dict | None:
+        from pyroute2.nftables.main import NFTables  # noqa: PLC0415 - only on the live path
+
+        nl = NFTables(nfgen_family=2)  # NFPROTO_IPV4
+        try:
+            chains = {c.get_attr("NFTA_CHAIN_NAME"): c.get_attr("NFTA_CHAIN_HOOK")
+                      for c in nl.get_chains() if c.get_attr("NFTA_CHAIN_TABLE") == self.table}
+            if not chains:
+                return None
+            sets = {x.get_attr("NFTA_SET_NAME") for x in nl.get_sets() if x.get_attr("NFTA_SET_TABLE") == self.table}
+            rules: dict[str, list[list]] = {}
+            for r in nl.get_rules():
+                if r.get_attr("NFTA_RULE_TABLE") == self.table:
+                    rules.setdefault(r.get_attr("NFTA_RULE_CHAIN"), []).append(r.get_attr("NFTA_RULE_EXPRESSIONS") or [])
+        finally:
+            nl.close()
+        return {"chains": chains, "sets": sets, "rules": rules}
+
+    def check(self) -> list[str]:
+        """What is wrong with the installed table (empty: nothing)."""
+        if not self.installed:
+            return []
+        try:
+            got = self._read()
+        except Exception as exc:  # netlink errors come in several classes
+            return [f"cannot read nftables table ip {self.table}: {exc}"]
+        if got is None:
+            return [f"nftables table ip {self.table} is missing"]
+        problems = [f"nftables set {n} is missing" for n in ("out_marks", "in_known") if n not in got["sets"]]
+        for name, hooknum in (("out", 3), ("in", 1)):  # NF_INET_LOCAL_OUT, NF_INET_LOCAL_IN
+            hook = got["chains"].get(name)
+            if hook is None:
+                problems.append(f"nftables chain {self.table} {name} is missing")
+                continue
+            if (hook.get_attr("NFTA_HOOK_HOOKNUM"), hook.get_attr("NFTA_HOOK_PRIORITY")) != (hooknum, fp.PRIORITY):
+                problems.append(f"nftables chain {self.table} {name} is not on its hook at priority {fp.PRIORITY}")
+            rules = got["rules"].get(name, [])
+            looks = [r for r in rules if any(e.get_attr("NFTA_EXPR_NAME") == "lookup" for e in r)]
+            if len(rules) != 2 or len(looks) != 2:
+                problems.append(f"nftables chain {self.table} {name} does not hold its 2 rules")
+        return problems
+
+    def counters(self) -> dict[str, int]:
+        """Packets the kernel fast path handled, per direction (from the rules' counters)."""
+        res = {"packets_out": 0, "packets_in": 0, "bytes_out": 0, "bytes_in": 0}
+        if not self.installed:
+            return res
+        try:
+            got = self._read()
+        except Exception:
+            return res
+        for name in ("out", "in"):
+            for exprs in (got or {}).get("rules", {}).get(name, []):
+                for e in exprs:
+                    if e.get_attr("NFTA_EXPR_NAME") == "counter":
+                        data = e.get_attr("NFTA_EXPR_DATA")
+                        res[f"packets_{name}"] += int(data.get_attr("NFTA_COUNTER_PACKETS") or 0)
+                        res[f"bytes_{name}"] += int(data.get_attr("NFTA_COUNTER_BYTES") or 0)
+        return res
