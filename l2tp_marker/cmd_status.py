@@ -58,6 +58,15 @@ def format_status(st: dict) -> list[str]:
              _ids(t["sessions"]), f"{t['age']:.0f}s", f"{t['last_seen']:.0f}s", str(t["packets_in"]),
              str(t["packets_out"]), str(t["conflicts"])] for t in st.get("tunnels", [])]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    fpst = st.get("fastpath")
+    if fpst:
+        if fpst.get("mode") == "kernel":
+            lines.append(f"fast path: kernel, table ip {fpst.get('table')}: {fpst.get('out_entries', 0)} outbound / "
+                         f"{fpst.get('in_entries', 0)} inbound entries, {fpst.get('packets_out', 0)} / "
+                         f"{fpst.get('packets_in', 0)} packets never queued; {fpst.get('aliased_tunnels', 0)} "
+                         f"aliased tunnel(s) on the per-packet path")
+        else:
+            lines.append(f"fast path: {fpst.get('mode')} ({fpst.get('reason')}): every packet is judged in userspace")
     lines.append(f"{len(rows)} tunnel(s)")
     lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]

@@ -288,7 +288,7 @@ class Daemon:
         return render(self.engine, by_dir_reason=dict(self.handler.by_dir_reason),
                       daemon_counters={**self.counters, "errors": self.handler.stats.get("errors", 0)},
                       queues={"in": self.cfg.queue_in, "out": self.cfg.queue_out},
-                      queue_stats=read_queue_stats())
+                      queue_stats=read_queue_stats(), fastpath=self.fastpath_status())
 
     def check_rules(self) -> bool:
         """Put the rules back if something removed or changed them; True if a repair was needed."""

@@ -17,7 +17,8 @@ NFQ_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
 
 
 def read_queue_stats(path: Path = NFQ_PROC) -> dict[int, dict[str, int]]:
-    """Per-queue kernel counters: queue_total (waiting), queue_dropped (queue full), user_dropped."""
+    """Per-queue kernel counters: queue_total (waiting), queue_dropped (queue full), user_dropped,
+    and ``queued``: packets handed to the queue since it was bound (the last packet id)."""
     out: dict[int, dict[str, int]] = {}
     try:
         text = path.read_text()
@@ -26,7 +27,8 @@ def read_queue_stats(path: Path = NFQ_PROC) -> dict[int, dict[str, int]]:
     for line in text.splitlines():
         f = line.split()
         if len(f) >= 7 and all(x.isdigit() for x in f[:7]):
-            out[int(f[0])] = {"waiting": int(f[2]), "queue_dropped": int(f[5]), "user_dropped": int(f[6])}
+            out[int(f[0])] = {"waiting": int(f[2]), "queue_dropped": int(f[5]), "user_dropped": int(f[6]),
+                              "queued": int(f[7]) if len(f) > 7 and f[7].isdigit() else 0}
     return out
 
 
@@ -35,7 +37,7 @@ def _esc(v: str) -> str:
 
 
 def render(engine: Engine, *, by_dir_reason: dict[tuple[str, str], int], daemon_counters: dict[str, int],
-           queues: dict[str, int], queue_stats: dict[int, dict[str, int]]) -> str:
+           queues: dict[str, int], queue_stats: dict[int, dict[str, int]], fastpath: dict | None = None) -> str:
     """The exposition text (format 0.0.4)."""
     tunnels = engine.tunnels()
     lines: list[str] = []
@@ -76,6 +78,25 @@ def render(engine: Engine, *, by_dir_reason: dict[tuple[str, str], int], daemon_
     metric("l2tp_marker_queue_drops_total", "counter",
            "Packets the kernel dropped because the NFQUEUE was full (queue_dropped) or could not be "
            "delivered to the daemon (user_dropped).", qs)
+    metric("l2tp_marker_queued_packets_total", "counter", "Packets the kernel handed to the daemon's queues.",
+           [({"queue": str(num), "direction": d}, queue_stats.get(num, {}).get("queued", 0))
+            for d, num in sorted(queues.items())])
+    if fastpath is not None:
+        metric("l2tp_marker_fastpath_info", "gauge",
+               "The fast path in use: kernel (nftables map), fallback (kernel path unavailable) or off.",
+               [({"mode": fastpath.get("mode", "off"), "reason": fastpath.get("reason", "")}, 1)])
+        metric("l2tp_marker_fastpath_entries", "gauge", "Entries in the kernel fast path, by direction.",
+               [({"direction": "out"}, fastpath.get("out_entries", 0)),
+                ({"direction": "in"}, fastpath.get("in_entries", 0))])
+        metric("l2tp_marker_fastpath_packets_total", "counter",
+               "Data packets of known tunnels handled without the full decode: by the kernel map "
+               "(path=kernel, never queued) or by the daemon's userspace copy of it (path=userspace).",
+               [({"path": "kernel", "direction": "out"}, fastpath.get("packets_out", 0)),
+                ({"path": "kernel", "direction": "in"}, fastpath.get("packets_in", 0)),
+                ({"path": "userspace", "direction": "out"}, fastpath.get("userspace_packets_out", 0)),
+                ({"path": "userspace", "direction": "in"}, fastpath.get("userspace_packets_in", 0))])
+        metric("l2tp_marker_fastpath_errors_total", "counter", "Fast-path elements the kernel refused.",
+               [({}, fastpath.get("errors", 0))])
     return "\n".join(lines) + "\n"
 
 

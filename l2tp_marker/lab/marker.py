@@ -21,9 +21,12 @@ class MarkerProcess:
     Its state file, decision log, control socket and log live in the lab's work directory.
     """
 
-    def __init__(self, lab: Lab, *extra_args: str, name: str = "marker"):
+    def __init__(self, lab: Lab, *extra_args: str, name: str = "marker", decision_log: bool = True):
         self.lab = lab
         self.extra = list(extra_args)
+        # The decision log records every packet the daemon judges, and so turns its userspace fast
+        # path off (a packet judged from the fast table alone has nothing to log).
+        self.log_decisions = decision_log
         self.dir = lab.workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
@@ -48,8 +51,8 @@ class MarkerProcess:
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "l2tp_marker.cli", "--log-level", "debug", "run",
                 "--inbound-match", "none", "--state-file", str(self.state_file),
-                "--decision-log", str(self.decision_log), "--control-socket", str(self.control_socket),
-                *self.extra]
+                *(["--decision-log", str(self.decision_log)] if self.log_decisions else []),
+                "--control-socket", str(self.control_socket), *self.extra]
 
     def start(self, timeout: float = 20.0) -> None:
         self._log = open(self.log_path, "ab")
@@ -93,6 +96,15 @@ class MarkerProcess:
             return self.status()
         except ControlError:
             return None
+
+    def queue_stats(self) -> dict[int, dict[str, int]]:
+        """The gateway's NFQUEUE counters (``queued`` = packets handed to each queue so far)."""
+        from ..metrics import read_queue_stats  # noqa: PLC0415
+
+        text = self.lab.gw_run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+        path = self.dir / "nfnetlink_queue"
+        path.write_text(text)
+        return read_queue_stats(path)
 
     def decisions(self) -> list[dict]:
         if not self.decision_log.exists():
