@@ -23,7 +23,6 @@ kernel fast path handled a packet: they skip the NFQUEUE for it and clear the bi
 from __future__ import annotations
 
 import socket
-import struct
 from collections import Counter
 
 from .constants import L2TP_PORT
@@ -55,8 +54,9 @@ class FastTable:
 
     ``out``: outbound key -> (SA mark, client's tunnel ID). ``inb``: inbound keys (a Counter,
     because xl2tpd may hand one gateway tunnel ID to two tunnels of one peer). ``dirty_out`` /
-    ``dirty_in`` collect the keys changed since the kernel adapter last synchronised. The ``*_bytes``
-    dicts hold the same entries keyed the way :func:`hot_verdict` reads them from a packet.
+    ``dirty_in`` collect the keys changed since the kernel adapter last synchronised. The ``out_int``/``in_int``
+    dicts hold the same entries (IPv4 peers only) keyed by one integer, the way the userspace fast
+    path reads them from a packet: see :func:`out_key_int` and :func:`in_key_int`.
     """
 
     def __init__(self) -> None:
@@ -65,8 +65,8 @@ class FastTable:
         self._bound: dict[OutKey, InKey] = {}
         self.dirty_out: set[OutKey] = set()
         self.dirty_in: set[InKey] = set()
-        self.out_bytes: dict[bytes, tuple[int, bytes | None]] = {}
-        self.in_bytes: set[bytes] = set()
+        self.out_int: dict[int, tuple[int, bytes | None]] = {}
+        self.in_int: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.out)
@@ -89,9 +89,9 @@ class FastTable:
                 self._unbind(key)
                 if self.out.pop(key, None) is not None:
                     self.dirty_out.add(key)
-                    k = _out_bytes(key)
+                    k = _out_int(key)
                     if k is not None:
-                        self.out_bytes.pop(k, None)
+                        self.out_int.pop(k, None)
 
     def clear(self) -> None:
         """Forget everything (the kernel adapter then removes what it had installed)."""
@@ -100,17 +100,17 @@ class FastTable:
         self.out.clear()
         self.inb.clear()
         self._bound.clear()
-        self.out_bytes.clear()
-        self.in_bytes.clear()
+        self.out_int.clear()
+        self.in_int.clear()
 
     def _set_out(self, key: OutKey, value: tuple[int, int]) -> None:
         if self.out.get(key) != value:
             self.out[key] = value
             self.dirty_out.add(key)
-            k = _out_bytes(key)
+            k = _out_int(key)
             if k is not None:
                 mark, client_tid = value
-                self.out_bytes[k] = (mark, None if client_tid == key[2] else client_tid.to_bytes(2, "big"))
+                self.out_int[k] = (mark, None if client_tid == key[2] else client_tid.to_bytes(2, "big"))
 
     def _unbind(self, key: OutKey) -> None:
         ik = self._bound.pop(key, None)
@@ -123,13 +123,13 @@ class FastTable:
 
     def _in_changed(self, ik: InKey, present: bool) -> None:
         self.dirty_in.add(ik)
-        k = _in_bytes(ik)
+        k = _in_int(ik)
         if k is None:
             return
         if present:
-            self.in_bytes.add(k)
+            self.in_int.add(k)
         else:
-            self.in_bytes.discard(k)
+            self.in_int.discard(k)
 
     def take_dirty(self) -> tuple[set[OutKey], set[InKey]]:
         out, inb = self.dirty_out, self.dirty_in
@@ -137,14 +137,24 @@ class FastTable:
         return out, inb
 
 
-def _out_bytes(key: OutKey) -> bytes | None:
-    a = _v4(key[0])
-    return None if a is None else a + struct.pack("!HH", key[1], key[2])
+def out_key_int(addr: int, port: int, tid: int) -> int:
+    """An outbound key as one integer: peer address (IPv4, 32 bits), peer port, tunnel ID."""
+    return (addr << 32) | (port << 16) | tid
 
 
-def _in_bytes(key: InKey) -> bytes | None:
+def in_key_int(addr: int, port: int, tid: int, mark: int) -> int:
+    """An inbound key as one integer: peer address, peer port, gateway tunnel ID, packet mark."""
+    return (addr << 64) | (port << 48) | (tid << 32) | mark
+
+
+def _out_int(key: OutKey) -> int | None:
     a = _v4(key[0])
-    return None if a is None else a + struct.pack("!HHI", key[1], key[2], key[3])
+    return None if a is None else out_key_int(int.from_bytes(a, "big"), key[1], key[2])
+
+
+def _in_int(key: InKey) -> int | None:
+    a = _v4(key[0])
+    return None if a is None else in_key_int(int.from_bytes(a, "big"), key[1], key[2], key[3])
 
 
 def kernel_out_value(key: OutKey, value: tuple[int, int] | None, bit: int) -> int | None:
@@ -235,36 +245,34 @@ def hot_verdict(pkt: bytes, direction: str, mark_in: int, table: FastTable, mark
     if n < h + 6 or pkt[h] & 0x80 or pkt[h + 1] & 0x0F != 2:
         return MISS  # too short for a data header, a control message, or not L2TPv2
     t = h + 4 if pkt[h] & 0x40 else h + 2
+    if n < t + 2:
+        return MISS
+    tid = (pkt[t] << 8) | pkt[t + 1]
     if direction == IN:
         if pkt[u + 2] != 0x06 or pkt[u + 3] != 0xA5:
             return MISS
-        if pkt[12:16] + pkt[u:u + 2] + pkt[t:t + 2] + mark_in.to_bytes(4, "big") in table.in_bytes:
-            return (None, None)
-        return MISS
+        key = in_key_int(int.from_bytes(pkt[12:16], "big"), (pkt[u] << 8) | pkt[u + 1], tid, mark_in)
+        return (None, None) if key in table.in_int else MISS
     if pkt[u] != 0x06 or pkt[u + 1] != 0xA5:
         return MISS
-    e = table.out_bytes.get(pkt[16:20] + pkt[u + 2:u + 4] + pkt[t:t + 2])
+    e = table.out_int.get(out_key_int(int.from_bytes(pkt[16:20], "big"), (pkt[u + 2] << 8) | pkt[u + 3], tid))
     if e is None:
         return MISS
     mark = (mark_in & ~mark_mask & 0xFFFFFFFF) | e[0]
     new = e[1]
     if new is None:
         return (mark, None)
-    if n < t + 2:
-        return MISS
-    return (mark, _rewrite16(pkt, u, t, new))
+    return (mark, rewrite16(pkt, u, t, new))
 
 
-def _rewrite16(pkt: bytes, u: int, off: int, new: bytes) -> bytes:
-    """``pkt`` with the 16-bit field at ``off`` replaced and the UDP checksum updated (RFC 1624)."""
-    b = bytearray(pkt)
-    old = (b[off] << 8) | b[off + 1]
-    b[off:off + 2] = new
-    c = (b[u + 6] << 8) | b[u + 7]
-    if c:  # 0 = no checksum (IPv4): leave it so
-        s = (~c & 0xFFFF) + (~old & 0xFFFF) + ((new[0] << 8) | new[1])
-        s = (s & 0xFFFF) + (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16)
-        c = ~s & 0xFFFF
-        b[u + 6:u + 8] = (c or 0xFFFF).to_bytes(2, "big")
-    return bytes(b)
+def rewrite16(pkt: bytes, u: int, off: int, new: bytes) -> bytes:
+    """``pkt`` with the 16-bit field at ``off`` replaced by ``new`` and the UDP checksum (at
+    ``u + 6``) updated incrementally (RFC 1624); a zero checksum (none, IPv4) stays zero."""
+    c = (pkt[u + 6] << 8) | pkt[u + 7]
+    if not c:
+        return pkt[:off] + new + pkt[off + 2:]
+    s = (~c & 0xFFFF) + (~((pkt[off] << 8) | pkt[off + 1]) & 0xFFFF) + ((new[0] << 8) | new[1])
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    c = ~s & 0xFFFF or 0xFFFF
+    return pkt[:u + 6] + c.to_bytes(2, "big") + pkt[u + 8:off] + new + pkt[off + 2:]
