@@ -35,6 +35,7 @@ tunnel without a StopCCN): such a tunnel is released even while its client keeps
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
@@ -232,6 +233,12 @@ class Engine:
         self.counters: Counter[str] = Counter()
         self.conflicts: deque[Conflict] = deque(maxlen=self.config.conflict_history)
         self._next_expiry = 0.0
+        # Deadlines, lazily kept: (when, seq, tunnel). A tunnel always has an entry no later than
+        # its real deadline; an entry that comes due is checked against the tunnel's current
+        # deadline (traffic moves it later) and pushed again if need be. Expiry is then O(log n)
+        # per tunnel that is due instead of a pass over the whole table every second.
+        self._deadlines: list[tuple[float, int, Tunnel]] = []
+        self._seq = 0
 
     # ---------------------------------------------------------------- queries
     def tunnels(self) -> list[Tunnel]:
@@ -292,7 +299,9 @@ class Engine:
             if our is not None and our != t.our_tid:
                 return self._bind(t, our)
         elif mt == C.STOPCCN:
-            t.closing_since = t.closing_since or now
+            if t.closing_since is None:
+                t.closing_since = now
+                self._schedule(t)
         elif mt in (C.ICRP, C.OCRP):
             s = t.sessions.get(msg.session_id)
             our = self._assigned_id(msg, tunnel=False)
@@ -301,7 +310,9 @@ class Engine:
         elif mt == C.CDN:
             s = t.sessions.get(msg.session_id)
             if s is not None:
-                s.closing_since = s.closing_since or now
+                if s.closing_since is None:
+                    s.closing_since = now
+                    self._schedule(t)
         return ()
 
     def _bind(self, t: Tunnel, our_tid: int) -> tuple[TableEvent, ...]:
@@ -357,7 +368,9 @@ class Engine:
             t.established = True
             self._forget_unestablished(t)
         elif mt == C.STOPCCN:
-            t.closing_since = t.closing_since or now
+            if t.closing_since is None:
+                t.closing_since = now
+                self._schedule(t)
             if t.visible_tid != t.client_tid:
                 rewrites = self._alias_rewrite(msg, t)
         elif mt in (C.ICRQ, C.OCRQ):
@@ -371,7 +384,9 @@ class Engine:
             sid = self._assigned_id(msg, tunnel=False)
             s = t.sessions.get(sid) if sid is not None else None
             if s is not None:
-                s.closing_since = s.closing_since or now
+                if s.closing_since is None:
+                    s.closing_since = now
+                    self._schedule(t)
         elif msg.session_id:
             for s in t.sessions.values():
                 if s.our_sid == msg.session_id:
@@ -426,6 +441,7 @@ class Engine:
         self._by_client[key] = t
         self._per_mark[mark] += 1
         self._unestablished.setdefault(mark, OrderedDict())[id(t)] = t
+        self._schedule(t)
         events += (TableEvent("learn", peer, visible, client_tid, None, mark),)
         if visible == client_tid:
             return Decision(R_LEARNED, events=events)
@@ -534,19 +550,44 @@ class Engine:
                 break
             del self._evicted[key]
         events: list[TableEvent] = []
-        for t in list(self._by_out.values()):
-            if t.closing_since is not None and now - t.closing_since >= cfg.hold_time:
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, t = heapq.heappop(heap)
+            if self._by_out.get((t.peer.addr, t.peer.port, t.visible_tid)) is not t:
+                continue  # released meanwhile
+            # The same sums as _deadline: an entry that is due always releases something.
+            if t.closing_since is not None and now >= t.closing_since + cfg.hold_time:
                 events.extend(self._release(t, "released_stopccn"))
-            elif now - t.lns_seen >= cfg.idle_timeout:  # the LNS went silent (see module doc)
+                continue
+            if now >= t.lns_seen + cfg.idle_timeout:  # the LNS went silent (see module doc)
                 events.extend(self._release(t, "released_idle"))
-            elif t.our_tid is None and now - t.created >= cfg.pending_timeout:
+                continue
+            if t.our_tid is None and now >= t.created + cfg.pending_timeout:
                 events.extend(self._release(t, "released_pending"))
-            else:
-                for sid, s in list(t.sessions.items()):
-                    if s.closing_since is not None and now - s.closing_since >= cfg.hold_time:
-                        del t.sessions[sid]
-                        self.counters["session_released"] += 1
+                continue
+            for sid, s in list(t.sessions.items()):
+                if s.closing_since is not None and now >= s.closing_since + cfg.hold_time:
+                    del t.sessions[sid]
+                    self.counters["session_released"] += 1
+            self._schedule(t)
         return events
+
+    def _deadline(self, t: Tunnel) -> float:
+        """When :meth:`expire` has to look at ``t`` next (as things stand now)."""
+        cfg = self.config
+        d = t.lns_seen + cfg.idle_timeout
+        if t.closing_since is not None:
+            d = min(d, t.closing_since + cfg.hold_time)
+        if t.our_tid is None:
+            d = min(d, t.created + cfg.pending_timeout)
+        for s in t.sessions.values():
+            if s.closing_since is not None:
+                d = min(d, s.closing_since + cfg.hold_time)
+        return d
+
+    def _schedule(self, t: Tunnel) -> None:
+        self._seq += 1
+        heapq.heappush(self._deadlines, (self._deadline(t), self._seq, t))
 
     def _release(self, t: Tunnel, why: str | None = None) -> tuple[TableEvent, ...]:
         addr, port = t.peer.addr, t.peer.port
@@ -575,6 +616,7 @@ class Engine:
         for t in list(self._by_out.values()):
             events.extend(self._release(t))
         self._evicted.clear()
+        self._deadlines.clear()
         return events
 
     # ---------------------------------------------------------------- persistence
@@ -623,6 +665,7 @@ class Engine:
             self._per_mark[t.mark] += 1
             if not t.established:
                 self._unestablished.setdefault(t.mark, OrderedDict())[id(t)] = t
+            self._schedule(t)
             events.append(TableEvent("learn", t.peer, t.visible_tid, t.client_tid, None, t.mark))
             if t.our_tid is not None:
                 self._by_in.setdefault((t.peer.addr, t.peer.port, t.our_tid), []).append(t)

@@ -6,10 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(xl2tpd iptables nftables conntrack tcpdump iproute2 util-linux procps
+APT_PKGS=(xl2tpd iptables nftables libnftables1 conntrack tcpdump iproute2 util-linux procps
           libnetfilter-queue-dev libnfnetlink-dev build-essential python3-dev python3-venv)
-# The tests also verify the systemd unit with systemd-analyze.
-[ "${1:-}" = "--test" ] && APT_PKGS+=(systemd)
+# The tests also verify the systemd unit with systemd-analyze, and turn veth checksum offload off
+# (ethtool) to prove the kernel fast path writes valid UDP checksums.
+[ "${1:-}" = "--test" ] && APT_PKGS+=(systemd ethtool)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
