@@ -28,7 +28,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         return 2
     try:
         result = replay(args.capture, gateway=args.gateway, marks=marks,
-                        config=engine_config_from_args(args))
+                        config=engine_config_from_args(args), fastpath_bit=args.fastpath_bit)
     except (ReplayError, CaptureError, ValueError) as exc:
         print(f"l2tp-marker replay: {exc}", file=sys.stderr)
         return 2
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "address (addr) its own inbound mark 1, 2, ... (default peer)")
     p.add_argument("--marks", metavar="FILE",
                    help="for captures without marks: file of 'ADDRESS[:PORT] MARK' lines")
+    p.add_argument("--fastpath-bit", type=lambda v: int(v, 0), default=0x80000000, metavar="BIT",
+                   help="the live daemon's fastpath_bit (default 0x80000000; 0 = none): in an NFLOG "
+                        "capture it marks packets the kernel fast path handled; replay strips it from "
+                        "their mark and flags them")
     p.add_argument("--write-rewritten", metavar="PCAP",
                    help="write every L2TP packet as it leaves the marker (rewrites applied) to a raw-IP pcap")
     add_engine_options(p)

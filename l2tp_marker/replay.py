@@ -116,8 +116,15 @@ def _guess_gateway(packets: list[CapturedPacket]) -> str | None:
 
 
 def replay(source: str | Path | IO[bytes], *, gateway: str | None = None,
-           marks: MarkPolicy | None = None, config: EngineConfig | None = None) -> ReplayResult:
-    """Replay a capture; raises :class:`ReplayError` / :class:`CaptureError` for unusable input."""
+           marks: MarkPolicy | None = None, config: EngineConfig | None = None,
+           fastpath_bit: int = 0x80000000) -> ReplayResult:
+    """Replay a capture; raises :class:`ReplayError` / :class:`CaptureError` for unusable input.
+
+    In a capture taken by ``l2tp-marker capture`` (NFLOG), a packet whose mark carries
+    ``fastpath_bit`` was handled by the daemon's kernel fast path (the bit is set before the capture
+    rules run): the bit is not part of the SA mark, so it is stripped before judging, and the
+    packet's record says ``"fastpath": true``.
+    """
     if gateway is not None:
         try:
             gateway = str(ipaddress.ip_address(gateway))
@@ -158,8 +165,12 @@ def replay(source: str | Path | IO[bytes], *, gateway: str | None = None,
         if direction is None:
             seen["direction_unknown"] += 1
             continue
+        fast = False
         if p.mark is not None:
             mark_in = p.mark
+            if p.hook is not None and fastpath_bit and mark_in & fastpath_bit:
+                mark_in &= ~fastpath_bit & 0xFFFFFFFF
+                fast = True
         elif p.hook is not None:
             mark_in = 0  # NFLOG leaves the mark attribute out when the mark is 0
         elif direction == IN:
@@ -174,6 +185,8 @@ def replay(source: str | Path | IO[bytes], *, gateway: str | None = None,
         rec = record(p.no, v)
         rec["mark_in"] = mark_in if p.hook is not None else p.mark
         rec["ts"] = p.ts
+        if fast:
+            rec["fastpath"] = True
         if v.payload is not None:
             # A capture taken where the kernel had not finished the checksum (offload, NFLOG at
             # LOCAL_OUT) holds a partial one; the rewrite keeps it exactly as (in)valid: say null.

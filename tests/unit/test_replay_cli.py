@@ -308,3 +308,30 @@ def test_entry_point_json_on_stdout_only():
     assert proc.stderr == ""
     records, summary = parse_json(proc.stdout)
     assert len(records) == 45 and summary["collisions"] == 1
+
+
+# ------------------------------------------------------------------ the kernel fast path's bit
+def test_fastpath_bit_in_an_nflog_capture_is_stripped_and_flagged(tmp_path, capsys):
+    """Live, the fast path sets 0x80000000 on known tunnels' data before the capture rules run:
+    replay must judge the SA mark (inbound_known), not report a conflict with mark 0x80000001."""
+    from l2tp_marker.capture import NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT
+
+    from .helpers import data, sccrp, sccrq
+
+    frames = [
+        (1.0, capture_io.nflog_frame(sccrq(1), mark=1, hook=NF_INET_LOCAL_IN)),
+        (1.1, capture_io.nflog_frame(sccrp(1, 700), mark=None, hook=NF_INET_LOCAL_OUT)),
+        (2.0, capture_io.nflog_frame(data("in", 700, 1), mark=0x80000001, hook=NF_INET_LOCAL_IN)),
+        (2.1, capture_io.nflog_frame(data("out", 1, 1), mark=0x80000001, hook=NF_INET_LOCAL_OUT)),
+    ]
+    path = tmp_path / "fp.pcap"
+    capture_io.write_pcap(path, frames, capture_io.LINKTYPE_NFLOG)
+    assert cli.main(["replay", str(path), "--json"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()][:-1]
+    assert [(r["reason"], r.get("fastpath", False), r["mark_in"]) for r in recs] == [
+        ("sccrq_learned", False, 1), ("owner_mark_set", False, 0),
+        ("inbound_known", True, 1), ("owner_mark", True, 1)]
+    # Told there is no fast path, the same capture shows what a wrong bit would look like.
+    assert cli.main(["replay", str(path), "--json", "--fastpath-bit", "0"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()][:-1]
+    assert recs[2]["reason"] == "sa_conflict"
