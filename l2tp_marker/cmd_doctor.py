@@ -13,12 +13,12 @@ from .config import ConfigError, load_config
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "doctor", help="check xl2tpd, strongSwan's connmark rules, IPsec marks, the marker's rules and "
-                       "daemon, rp_filter and conntrack; say what is wrong and how to fix it",
-        description="Reads (never changes) the firewall tables, 'ip xfrm', sysctls, conntrack, the xl2tpd "
-                    "processes and the daemon's status, and prints one line per check: PASS, WARN, FAIL "
-                    "or INFO, with the fix for WARN and FAIL. Exit code 0 without FAIL, 1 with, 2 when "
-                    "doctor itself cannot run. Run as root.")
+        "doctor", help="check xl2tpd, strongSwan's connmark rules, IPsec marks, the marker's rules, kernel "
+                       "fast path and daemon, rp_filter and conntrack; say what is wrong and how to fix it",
+        description="Reads (never changes) the firewall tables (iptables and nftables), 'ip xfrm', sysctls, "
+                    "conntrack, the xl2tpd processes and the daemon's status, and prints one line per check: "
+                    "PASS, WARN, FAIL or INFO, with the fix for WARN and FAIL. Exit code 0 without FAIL, 1 "
+                    "with, 2 when doctor itself cannot run. Run as root.")
     p.add_argument("--netns", metavar="NAME", help="inspect this network namespace (ip netns) instead of the host")
     p.add_argument("--config", type=Path, default=None,
                    help="the marker's config file (default /etc/l2tp-marker/l2tp-marker.toml if it exists)")
@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--queue-in", type=int, help="as given to `run`, if it overrides the config")
     p.add_argument("--queue-out", type=int, help="as given to `run`, if it overrides the config")
     p.add_argument("--chain-prefix", help="as given to `run`, if it overrides the config")
+    p.add_argument("--fastpath", choices=("auto", "on", "off"),
+                   help="as given to `run`, if it overrides the config (only used when the daemon does not "
+                        "answer: a running daemon reports whether it uses the kernel fast path)")
     p.add_argument("--xl2tpd-config", action="append", default=[], metavar="FILE",
                    help="also check this xl2tpd.conf (the running xl2tpd's own is found from its command line)")
     p.add_argument("--xl2tpd-log", action="append", default=[], metavar="FILE",
@@ -45,8 +48,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config)
-        over = {k: getattr(args, k) for k in ("inbound_match", "queue_in", "queue_out", "chain_prefix")
-                if getattr(args, k) is not None}
+        over = {k: getattr(args, k) for k in ("inbound_match", "queue_in", "queue_out", "chain_prefix",
+                                               "fastpath") if getattr(args, k) is not None}
         cfg = replace(cfg, **over)
         ruleset = ruleset_for(cfg)
     except (ConfigError, ValueError) as exc:
@@ -56,7 +59,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
                         xl2tpd_configs=tuple(str(Path(p).resolve()) for p in args.xl2tpd_config),
                         xl2tpd_logs=tuple(str(Path(p).resolve()) for p in args.xl2tpd_log))
     try:
-        facts = collect(opts, ruleset=ruleset, netns=args.netns)
+        facts = collect(opts, ruleset=ruleset, netns=args.netns, fastpath=cfg.fastpath,
+                        fastpath_bit=cfg.fastpath_bit)
     except ProbeError as exc:
         print(f"l2tp-marker doctor: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,9 @@
 
 :mod:`~l2tp_marker.doctor_probe` collects a :class:`Facts` value (rule listings, ``ip xfrm`` text,
 sysctls, conntrack lines, the xl2tpd processes and their configuration, the kernel's NFQUEUE
-instances, the daemon's status reply) and :func:`diagnose` turns it into :class:`Check` values,
-each PASS, WARN, FAIL or INFO with a one-line explanation and, where something is wrong, the fix.
+instances, the nftables ruleset with the kernel fast path's table, the daemon's status reply) and
+:func:`diagnose` turns it into :class:`Check` values, each PASS, WARN, FAIL or INFO with a one-line
+explanation and, where something is wrong, the fix.
 A fact that could not be collected (a missing tool, no permission) is a fact too: the check that
 needs it says so instead of guessing. See ``DOMAIN.md`` for the why behind each check.
 """
@@ -18,7 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .constants import L2TP_PORT
-from .rules import Rule, RuleSet
+from .fastpath import DEFAULT_BIT, PRIORITY, table_name
+from .rules import Rule, RuleSet, build_rules
 
 PASS, WARN, FAIL, INFO = "PASS", "WARN", "FAIL", "INFO"
 LEVELS = (PASS, WARN, FAIL, INFO)
@@ -69,7 +71,7 @@ class Facts:
     netns: str | None = None
     legacy_mangle: Output = Output(error="not collected")   # iptables-legacy -t mangle -S -v
     nft_mangle: Output = Output(error="not collected")      # iptables-nft -t mangle -S -v
-    nft_ruleset: Output = Output(error="not collected")     # nft list ruleset
+    nft_ruleset: Output = Output(error="not collected")     # nft -t list ruleset (sets without elements)
     xfrm_state: Output = Output(error="not collected")      # ip xfrm state
     xfrm_policy: Output = Output(error="not collected")     # ip xfrm policy
     conntrack: Output = Output(error="not collected")       # conntrack -L -p udp --dport 1701
@@ -83,7 +85,9 @@ class Facts:
     control_socket: str = ""
     status: Mapping[str, Any] | None = None                 # the daemon's status reply
     status_error: str | None = None
-    ruleset: RuleSet | None = None                          # what the marker's config installs
+    ruleset: RuleSet | None = None                          # what the marker's config installs (no fast path)
+    fastpath_setting: str | None = None                     # the config's fastpath (auto/on/off)
+    fastpath_bit: int | None = None                         # the config's fastpath_bit
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -279,12 +283,27 @@ def _source_net(r: IptRule):
 
 
 _RULE_FLAGS_WITH_VALUE = {"-p", "-m", "--sport", "--dport", "--mark", "--dir", "--pol", "--comment", "-j",
-                          "--queue-num"}
+                          "--queue-num", "--set-xmark"}
+
+
+def _value_mask(val: str) -> tuple[int | None, int | None]:
+    """``0x2/0xff`` -> (2, 0xff); ``0x2`` -> (2, 0xffffffff) (iptables leaves out a full mask)."""
+    v, slash, m = val.partition("/")
+    return _int(v), (_int(m) if slash else 0xFFFFFFFF)
+
+
+def _one_bit(v: int | None) -> bool:
+    return v is not None and 0 < v <= 0xFFFFFFFF and not v & (v - 1)
 
 
 def rule_from_listing(r: IptRule) -> tuple[Rule | None, str]:
     """Read a listed rule back into a :class:`~l2tp_marker.rules.Rule`; (None, why) if it holds
-    anything a marker rule never has."""
+    anything a marker rule never has.
+
+    Mark matches: ``! --mark 0x0/MASK`` is the non-zero mark match, ``! --mark BIT/BIT`` (one bit)
+    the kernel fast path's "not handled by the fast path" match; ``-j MARK --set-xmark 0x0/BITS``
+    is the rule that clears the fast path's bit.
+    """
     kw: dict[str, Any] = {"chain": r.chain, "protocol": None, "comment": None}
     a = list(r.args)
     i = 0
@@ -312,10 +331,13 @@ def rule_from_listing(r: IptRule) -> tuple[Rule | None, str]:
                 return None, f"unexpected {tok} {val}"
             kw[tok[2:]] = int(val, 0)
         elif tok == "--mark":
-            if not neg or _mark_value(val) != 0:
-                return None, f"unexpected mark match {val}"
-            mask = _int(val.split("/", 1)[1]) if "/" in val else 0xFFFFFFFF
-            kw["mark_nonzero_mask"] = mask
+            v, mask = _value_mask(val)
+            if neg and v == 0 and mask and "mark_nonzero_mask" not in kw:
+                kw["mark_nonzero_mask"] = mask
+            elif neg and _one_bit(v) and v == mask and "bit_clear" not in kw:
+                kw["bit_clear"] = v
+            else:
+                return None, f"unexpected mark match {'! ' if neg else ''}{val}"
         elif tok in ("--dir", "--pol"):
             pol[tok] = val
         elif tok == "--comment":
@@ -324,6 +346,11 @@ def rule_from_listing(r: IptRule) -> tuple[Rule | None, str]:
             kw["target"] = val
         elif tok == "--queue-num":
             kw["queue_num"] = _int(val)
+        elif tok == "--set-xmark":
+            v, mask = _value_mask(val)
+            if kw.get("target") != "MARK" or neg or v != 0 or not mask:
+                return None, f"unexpected --set-xmark {val} (the marker only clears bits: 0x0/BITS)"
+            kw["clear_bits"] = mask
         neg = False
         i += 2
     if pol:
@@ -332,15 +359,19 @@ def rule_from_listing(r: IptRule) -> tuple[Rule | None, str]:
         kw["ipsec_in"] = True
     if "target" not in kw:
         return None, "no target"
+    if kw["target"] == "MARK" and "clear_bits" not in kw:
+        return None, "MARK without --set-xmark 0x0/BITS"
     return Rule(**kw), ""
 
 
 _FIELD_WORDS = {
     "protocol": "protocol", "sport": "source port", "dport": "destination port",
-    "mark_nonzero_mask": "non-zero mark match (mask)", "ipsec_in": "IPsec policy match",
+    "mark_nonzero_mask": "non-zero mark match (mask)",
+    "bit_clear": "fast-path bit match ('! --mark BIT/BIT')", "ipsec_in": "IPsec policy match",
     "queue_num": "queue number", "queue_bypass": "--queue-bypass", "comment": "comment",
-    "target": "target",
+    "target": "target", "clear_bits": "bits cleared (MARK --set-xmark 0x0/BITS)",
 }
+_MARK_FIELDS = {"mark_nonzero_mask", "bit_clear", "clear_bits"}
 
 
 def describe_difference(have: Rule, want: Rule) -> str:
@@ -348,22 +379,64 @@ def describe_difference(have: Rule, want: Rule) -> str:
     for name, words in _FIELD_WORDS.items():
         h, w = getattr(have, name), getattr(want, name)
         if h != w:
-            parts.append(f"{words} {_show(h)} instead of {_show(w)}")
+            hex_ = name in _MARK_FIELDS
+            parts.append(f"{words} {_show(h, hex_)} instead of {_show(w, hex_)}")
     return ", ".join(parts) or "differs"
 
 
-def _show(v: Any) -> str:
+def _show(v: Any, hex_: bool = False) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if v is None:
         return "none"
-    if isinstance(v, int) and v > 0xFFFF:
+    if isinstance(v, int) and (hex_ or v > 0xFFFF):
         return f"{v:#x}"
     return str(v)
 
 
 def _rule_text(rule: Rule) -> str:
     return " ".join(["-A", rule.chain, *rule.argv()])
+
+
+def chain_problems(want: list[Rule], have: tuple[IptRule, ...], chain: str) -> list[str]:
+    """How the listed rules of ``chain`` differ from ``want`` (empty: the same rules in the same
+    order). Rules are matched exactly first, wherever they are; a wanted rule without an exact
+    match is compared with the first unmatched listed rule with its target."""
+    parsed = [rule_from_listing(h) for h in have]
+    if [p for p, _ in parsed] == want:
+        return []
+    used_have: set[int] = set()
+    match: dict[int, int] = {}        # want index -> have index (exact)
+    for wi, w in enumerate(want):
+        for hi, (p, _) in enumerate(parsed):
+            if hi not in used_have and p == w:
+                match[wi] = hi
+                used_have.add(hi)
+                break
+    problems: list[str] = []
+    for wi, w in enumerate(want):
+        if wi in match:
+            continue
+        near = next((hi for hi, (p, _) in enumerate(parsed)
+                     if hi not in used_have and p is not None and p.target == w.target), None)
+        if near is None:
+            problems.append(f"{chain} lacks '{_rule_text(w)}'")
+            continue
+        used_have.add(near)
+        match[wi] = near
+        problems.append(f"{chain} rule {near + 1}: {describe_difference(parsed[near][0], w)}")
+    for hi, (p, why) in enumerate(parsed):
+        if hi in used_have:
+            continue
+        if p is None:
+            problems.append(f"{chain} rule {hi + 1} '{have[hi].show()}': {why}")
+        else:
+            problems.append(f"{chain} has an extra rule '{have[hi].show()}'")
+    order = [match[wi] for wi in sorted(match)]
+    if not problems and order != sorted(order):
+        problems.append(f"{chain} holds the expected rules in another order: "
+                        + ", ".join(f"'{_rule_text(w)}' is rule {match[wi] + 1}" for wi, w in enumerate(want)))
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,8 +611,202 @@ def parse_nft_ruleset(text: str) -> list[NftChain]:
     return chains
 
 
+@dataclass(frozen=True)
+class NftTableChain:
+    name: str
+    hook: str | None        # "route output"
+    priority: int | None    # "priority mangle - 10" -> -160
+    statements: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NftTable:
+    name: str                                  # "ip l2tp_marker"
+    chains: Mapping[str, NftTableChain]
+    sets: frozenset[str]                       # sets and maps
+
+
+_NFT_PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
+
+
+def nft_priority(text: str) -> int | None:
+    """``mangle - 10`` -> -160, ``-160`` -> -160 (the ip family's named priorities)."""
+    m = re.fullmatch(r"\s*(?:(\w+)\s*(?:([+-])\s*(\d+))?|(-?\d+))\s*", text)
+    if not m:
+        return None
+    if m[4] is not None:
+        return int(m[4])
+    if m[1].lstrip("-").isdigit():
+        return int(m[1])
+    base = _NFT_PRIORITIES.get(m[1])
+    if base is None:
+        return None
+    off = int(m[3]) if m[3] else 0
+    return base - off if m[2] == "-" else base + off
+
+
+def parse_nft_tables(text: str) -> dict[str, NftTable]:
+    """Tables of ``nft [-t] list ruleset`` (or ``nft list tables``): their chains and sets."""
+    tables: dict[str, dict] = {}
+    cur: str | None = None
+    chain: str | None = None
+    lines: list[str] = []
+    depth = 0
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        words = line.split()
+        if depth == 0 and words[0] == "table" and len(words) >= 3:
+            cur = " ".join(w for w in words[1:] if w != "{")
+            tables.setdefault(cur, {"chains": {}, "sets": set()})
+        elif depth == 1 and cur is not None and line.endswith("{") and len(words) >= 3:
+            if words[0] == "chain":
+                chain, lines = words[1], []
+            elif words[0] in ("set", "map"):
+                tables[cur]["sets"].add(words[1])
+        elif depth == 2 and chain is not None:
+            lines.append(line)
+        depth = max(0, depth + line.count("{") - line.count("}"))
+        if chain is not None and depth <= 1:
+            hook = prio = None
+            stmts = []
+            for st in lines:
+                m = re.match(r"type (\w+) hook (\w+)(?: device \S+)? priority ([^;]+);", st)
+                if m:
+                    hook, prio = f"{m[1]} {m[2]}", nft_priority(m[3])
+                elif not st.startswith("policy ") and st != "}":
+                    stmts.append(st)
+            tables[cur]["chains"][chain] = NftTableChain(chain, hook, prio, tuple(stmts))
+            chain = None
+        if depth == 0:
+            cur = None if line.endswith("}") else cur
+    return {k: NftTable(k, dict(v["chains"]), frozenset(v["sets"])) for k, v in tables.items()}
+
+
 _NFT_QUEUE_RE = re.compile(r'(^|\s)queue(\s|$)|xt target "NFQUEUE"')
 _NFT_MARK_RE = re.compile(r'(^|\s)(meta )?mark set\s|xt target "(CONNMARK|MARK)"')
+
+
+# --------------------------------------------------------------------------------------------
+# Which rules to expect
+# --------------------------------------------------------------------------------------------
+_PARAM_WORDS = {"prefix": "chain prefix", "queue_in": "inbound queue", "queue_out": "outbound queue",
+                "mark_mask": "mark_mask", "inbound_match": "inbound_match"}
+
+
+def _params_of(rs: RuleSet) -> dict[str, Any] | None:
+    """The :func:`~l2tp_marker.rules.build_rules` arguments that give ``rs`` (without the fast path)."""
+    if len(rs.chains) != 2 or not rs.chains[0].endswith("-IN"):
+        return None
+    chain_in, chain_out = rs.chains
+    q_in = next((r for r in rs.rules if r.chain == chain_in and r.target == "NFQUEUE"), None)
+    q_out = next((r for r in rs.rules if r.chain == chain_out and r.target == "NFQUEUE"), None)
+    if q_in is None or q_out is None:
+        return None
+    return {"prefix": chain_in[:-3], "queue_in": q_in.queue_num, "queue_out": q_out.queue_num,
+            "mark_mask": q_in.mark_nonzero_mask if q_in.mark_nonzero_mask is not None else 0xFFFFFFFF,
+            "inbound_match": "ipsec" if q_in.ipsec_in else "none"}
+
+
+def _daemon_params(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The rule parameters the daemon reports about itself (those it reports)."""
+    d = status.get("daemon")
+    out: dict[str, Any] = {}
+    if not isinstance(d, Mapping):
+        return out
+    chains = d.get("chains")
+    if isinstance(chains, (list, tuple)) and len(chains) == 2 and str(chains[0]).endswith("-IN"):
+        out["prefix"] = str(chains[0])[:-3]
+    q = d.get("queues")
+    if isinstance(q, Mapping):
+        for k in ("in", "out"):
+            if isinstance(q.get(k), int):
+                out[f"queue_{k}"] = q[k]
+    if isinstance(d.get("mark_mask"), int):
+        out["mark_mask"] = d["mark_mask"]
+    if d.get("inbound_match") in ("ipsec", "none"):
+        out["inbound_match"] = d["inbound_match"]
+    return out
+
+
+def _fastpath_status(f: Facts) -> Mapping[str, Any] | None:
+    """The daemon's ``fastpath`` status (None: no daemon answers, or it reports none)."""
+    if not _daemon_answers(f):
+        return None
+    st = f.status.get("fastpath")
+    return st if isinstance(st, Mapping) else None
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The marker's rules doctor expects: one form when the daemon says which it runs, else both
+    (with and without the kernel fast path), the more likely first."""
+
+    forms: tuple[tuple[str, RuleSet], ...]   # (label, rule set)
+    bit: int                                 # the fast-path bit (of the daemon, else of the config)
+    from_daemon: bool                        # the daemon's status chose the form and the parameters
+    notes: tuple[str, ...] = ()              # where the daemon's values replaced doctor's
+
+    @property
+    def ruleset(self) -> RuleSet:
+        return self.forms[0][1]
+
+    @property
+    def prefix(self) -> str:
+        return self.ruleset.chains[0][:-3]
+
+    def source(self) -> str:
+        """How the expectation was chosen, for the checks' text."""
+        if not self.from_daemon:
+            return "the daemon does not answer, so either form is accepted"
+        s = "as the daemon reports"
+        if self.notes:
+            s += " (its " + ", ".join(self.notes) + ")"
+        return s
+
+
+def _form_label(bit: int | None) -> str:
+    return f"the kernel fast-path form (bit {bit:#x})" if bit is not None else "the form without the fast path"
+
+
+def expected_rules(f: Facts) -> Expected | None:
+    """What the marker's chains should hold. When the daemon answers, its own status decides (the
+    fast path's mode and bit, its chains, queues, inbound_match and mark_mask) over doctor's
+    options; otherwise both forms of doctor's configuration are acceptable."""
+    base = _params_of(f.ruleset) if f.ruleset is not None else None
+    cfg_bit = f.fastpath_bit if _one_bit(f.fastpath_bit) else DEFAULT_BIT
+    if _daemon_answers(f):
+        params = dict(base or {})
+        notes = []
+        for k, v in _daemon_params(f.status).items():
+            if base is not None and base.get(k) != v:
+                notes.append(f"{_PARAM_WORDS[k]} {_show(v, k == 'mark_mask')}, not doctor's "
+                             f"{_show(base.get(k), k == 'mark_mask')}")
+            params[k] = v
+        if set(params) == set(_PARAM_WORDS):
+            st = _fastpath_status(f)
+            bit = None
+            if st is not None and st.get("mode") == "kernel":
+                bit = st.get("bit") if _one_bit(st.get("bit")) else cfg_bit
+            rs = build_rules(**params, fastpath_bit=bit)
+            return Expected(((_form_label(bit), rs),), bit or cfg_bit, True, tuple(notes))
+    if base is None:
+        return None
+    with_fp = (_form_label(cfg_bit), build_rules(**base, fastpath_bit=cfg_bit))
+    without = (_form_label(None), build_rules(**base))
+    forms = (without, with_fp) if f.fastpath_setting == "off" else (with_fp, without)
+    return Expected(forms, cfg_bit, False)
+
+
+def _rules_problems(rs: RuleSet, legacy: IptTable) -> tuple[list[str], list[str]]:
+    """(missing chains, problems) of the legacy table against the rule set ``rs``."""
+    missing = [c for c in rs.chains if c not in legacy.user_chains]
+    problems = [f"chain {c} is missing" for c in missing]
+    for chain in rs.chains:
+        if chain not in missing:
+            problems += chain_problems([r for r in rs.rules if r.chain == chain], legacy.rules(chain), chain)
+    return missing, problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,16 +817,19 @@ def diagnose(f: Facts) -> list[Check]:
     legacy = parse_iptables_save(f.legacy_mangle.text) if f.legacy_mangle.ok else None
     nft = parse_iptables_save(f.nft_mangle.text) if f.nft_mangle.ok else None
     states = parse_xfrm_states(f.xfrm_state.text) if f.xfrm_state.ok else None
+    exp = expected_rules(f)
     checks = [
         check_xl2tpd(f),
         check_xl2tpd_saref(f),
         check_connmark_plugin(f, legacy, nft),
         check_ipsec_sa_marks(f, states),
         check_ipsec_policy_marks(f, states),
-        check_marker_rules(f, legacy),
-        check_queue_bypass(f, legacy, nft),
-        check_marker_jumps(f, legacy),
-        check_rule_order(f, legacy),
+        check_marker_rules(f, legacy, exp),
+        check_queue_bypass(f, legacy, nft, exp),
+        check_marker_jumps(f, legacy, exp),
+        check_rule_order(f, legacy, exp),
+        check_fastpath(f, legacy, exp),
+        check_fastpath_bit(f, legacy, nft, states, exp),
         check_nft_route_pitfall(f, nft),
         check_rp_filter(f),
         check_conntrack_merge(f, legacy, states),
@@ -788,49 +1058,44 @@ def _no_table(f: Facts) -> str:
     return f"cannot read the legacy mangle table: {f.legacy_mangle.why()}"
 
 
-def check_marker_rules(f: Facts, legacy: IptTable | None) -> Check:
+def check_marker_rules(f: Facts, legacy: IptTable | None, exp: Expected | None = None) -> Check:
     name = "marker-rules"
-    rs = f.ruleset
-    if rs is None:
+    exp = expected_rules(f) if exp is None else exp
+    if exp is None:
         return Check(name, INFO, "no marker configuration given: rules not checked")
     if legacy is None:
         return Check(name, FAIL, _no_table(f), "run doctor as root with iptables-legacy installed")
     fix = ("restart l2tp-marker: it installs its rules on start (a running daemon puts damaged rules back "
            "within repair_interval seconds)")
-    missing = [c for c in rs.chains if c not in legacy.user_chains]
-    if len(missing) == len(rs.chains):
-        return Check(name, FAIL, f"the marker's chains {', '.join(rs.chains)} are not in legacy mangle: "
+    chains = exp.ruleset.chains
+    results = [(label, *_rules_problems(rs, legacy)) for label, rs in exp.forms]
+    if all(len(missing) == len(chains) for _label, missing, _p in results):
+        return Check(name, FAIL, f"the marker's chains {', '.join(chains)} are not in legacy mangle: "
                                  "nothing judges L2TP, replies follow plain connmark", fix)
-    problems = [f"chain {c} is missing" for c in missing]
-    for chain in rs.chains:
-        if chain in missing:
-            continue
-        want = [r for r in rs.rules if r.chain == chain]
-        have = legacy.rules(chain)
-        for i, w in enumerate(want):
-            if i >= len(have):
-                problems.append(f"{chain} lacks '{_rule_text(w)}'")
-                continue
-            got, why = rule_from_listing(have[i])
-            if got is None:
-                problems.append(f"{chain} rule {i + 1} '{have[i].show()}': {why}")
-            elif got != w:
-                problems.append(f"{chain} rule {i + 1}: {describe_difference(got, w)}")
-        for extra in have[len(want):]:
-            problems.append(f"{chain} has an extra rule '{extra.show()}'")
-    if not problems:
-        return Check(name, PASS, f"chains {', '.join(rs.chains)} hold the expected rules")
+    for label, _missing, problems in results:
+        if not problems:
+            return Check(name, PASS, f"chains {', '.join(chains)} hold the expected rules: {label}, "
+                                     f"{exp.source()}")
+    # The closest form (fewest problems; the more likely one on a tie) explains what differs.
+    label, missing, problems = min(results, key=lambda r: len(r[2]))
+    what = "; ".join(problems)
+    if len(exp.forms) > 1:
+        what = f"neither form matches; against {label}: {what}"
+    else:
+        what = f"against {label}, {exp.source()}: {what}"
     if _daemon_answers(f) and not f.status.get("rule_problems") and not missing:
-        return Check(name, WARN, "; ".join(problems) + " (the daemon finds its rules intact: doctor "
-                                                       "expects another configuration than the daemon's)",
+        return Check(name, WARN, what + " (the daemon finds its rules intact: doctor expects another "
+                                        "configuration than the daemon's)",
                      "run doctor with the daemon's --config, or the same --inbound-match/--queue-in/"
-                     "--queue-out/--chain-prefix as `run`")
-    return Check(name, FAIL, "; ".join(problems), fix)
+                     "--queue-out/--chain-prefix/--fastpath as `run`")
+    return Check(name, FAIL, what, fix)
 
 
-def check_queue_bypass(f: Facts, legacy: IptTable | None, nft: IptTable | None) -> Check:
+def check_queue_bypass(f: Facts, legacy: IptTable | None, nft: IptTable | None,
+                       exp: Expected | None = None) -> Check:
     name = "queue-bypass"
-    rs = f.ruleset
+    exp = expected_rules(f) if exp is None else exp
+    rs = exp.ruleset if exp is not None else None
     ours = set(rs.chains) if rs else set()
     queues = {r.queue_num for r in rs.rules if r.queue_num is not None} if rs else set()
     found: list[tuple[str, IptRule]] = []
@@ -859,9 +1124,10 @@ def check_queue_bypass(f: Facts, legacy: IptTable | None, nft: IptTable | None) 
     return Check(name, PASS, f"every L2TP NFQUEUE rule ({len(found)}) has --queue-bypass")
 
 
-def check_marker_jumps(f: Facts, legacy: IptTable | None) -> Check:
+def check_marker_jumps(f: Facts, legacy: IptTable | None, exp: Expected | None = None) -> Check:
     name = "marker-jumps"
-    rs = f.ruleset
+    exp = expected_rules(f) if exp is None else exp
+    rs = exp.ruleset if exp is not None else None
     if rs is None:
         return Check(name, INFO, "no marker configuration given: jumps not checked")
     if legacy is None:
@@ -888,9 +1154,10 @@ def check_marker_jumps(f: Facts, legacy: IptTable | None) -> Check:
     return Check(name, PASS, "one jump each: " + ", ".join(f"{j.chain} -> {j.target}" for j in rs.jumps))
 
 
-def check_rule_order(f: Facts, legacy: IptTable | None) -> Check:
+def check_rule_order(f: Facts, legacy: IptTable | None, exp: Expected | None = None) -> Check:
     name = "rule-order"
-    rs = f.ruleset
+    exp = expected_rules(f) if exp is None else exp
+    rs = exp.ruleset if exp is not None else None
     if rs is None or legacy is None:
         return Check(name, INFO, "not checked (no configuration or no legacy mangle listing)")
     bad, checked = [], []
@@ -917,6 +1184,228 @@ def check_rule_order(f: Facts, legacy: IptTable | None) -> Check:
         return Check(name, INFO, "nothing to order (no jumps or no connmark plugin rules)")
     return Check(name, PASS, f"the marker's jumps come after the plugin's CONNMARK rules in "
                              f"{' and '.join(checked)}")
+
+
+# -- the kernel fast path -----------------------------------------------------------------------
+_NFT_BIT_RE = re.compile(r"meta mark set meta mark \| (0x[0-9a-fA-F]+)")
+
+
+def _fastpath_table(f: Facts, exp: Expected | None) -> str:
+    st = _fastpath_status(f)
+    if st is not None and st.get("table"):
+        return str(st["table"])
+    if exp is not None:
+        return table_name(exp.prefix)
+    prefix = _daemon_params(f.status).get("prefix") if _daemon_answers(f) else None
+    return table_name(prefix or "L2TP-MARKER")
+
+
+def _table_bit(t: NftTable) -> int | None:
+    """The bit the table's ``in`` chain sets (``meta mark set meta mark | BIT``)."""
+    for c in t.chains.values():
+        for st in c.statements:
+            m = _NFT_BIT_RE.search(st)
+            if m and _one_bit(_int(m[1])):
+                return _int(m[1])
+    return None
+
+
+def _with_bit(bit: int) -> str:
+    m = 2 if bit == 1 else 1
+    return f"{m | bit:#x} for mark {m:#x}"
+
+
+def _clears_bit(legacy: IptTable, start: str, bit: int) -> bool:
+    """Does a rule a packet entering ``start`` can meet clear ``bit`` (``MARK --set-xmark 0/BITS``)?"""
+    for r in legacy.reachable(start):
+        if r.target == "MARK" and r.value("--set-xmark") is not None:
+            v, mask = _value_mask(r.value("--set-xmark"))
+            if v is not None and mask is not None and not v & bit and mask & bit:
+                return True
+    return False
+
+
+def _table_shape(t: NftTable) -> list[str]:
+    """What the fast-path table lacks compared with what the daemon installs: its map and set, its
+    two chains on their hooks, and in each the two rules (L=1, L=0) that use them. Other rules and
+    maps (the aliased tunnels' ones, say) are the daemon's business: it checks them itself."""
+    out = [f"set {n}" for n in ("out_marks", "in_known") if n not in t.sets]
+    for name, hook, uses in (("out", "route output", "map @out_marks"), ("in", "filter input", "@in_known")):
+        c = t.chains.get(name)
+        if c is None:
+            out.append(f"chain {name}")
+        elif c.hook != hook or c.priority != PRIORITY:
+            out.append(f"chain {name} on hook {hook} at priority {PRIORITY}")
+        else:
+            n = sum(1 for st in c.statements if uses in st)
+            if n != 2:
+                out.append(f"the 2 rules of chain {name} that use {uses.split()[-1]} (it has {n})")
+    return out
+
+
+def check_fastpath(f: Facts, legacy: IptTable | None, exp: Expected | None = None) -> Check:
+    """The kernel fast path (nftables table ``ip l2tp_marker``): in use, fallen back, off, or left
+    behind where the legacy rules that clear its bit are gone."""
+    name = "fastpath"
+    exp = expected_rules(f) if exp is None else exp
+    st = _fastpath_status(f)
+    mode = st.get("mode") if st is not None else None
+    tname = _fastpath_table(f, exp)
+    where = f"nftables table ip {tname}"
+    tables = parse_nft_tables(f.nft_ruleset.text) if f.nft_ruleset.ok else None
+    table = tables.get(f"ip {tname}") if tables is not None else None
+    if table is not None:
+        bit = (st.get("bit") if st is not None and _one_bit(st.get("bit")) else None) or _table_bit(table) \
+            or (exp.bit if exp is not None else DEFAULT_BIT)
+        remove = (f"ip netns exec {f.netns} " if f.netns else "") + f"nft delete table ip {tname}"
+        if legacy is None:
+            return Check(name, WARN, f"{where} is there, but legacy mangle cannot be read ({_no_table(f)}): "
+                                     f"cannot tell whether the fast path's bit {bit:#x} is cleared",
+                         "run doctor as root with iptables-legacy installed")
+        out_ok, in_ok = _clears_bit(legacy, "OUTPUT", bit), _clears_bit(legacy, "INPUT", bit)
+        crash = ("" if _daemon_answers(f) and mode == "kernel" else
+                 " (a daemon that died without removing its table, and mangle flushed since?)")
+        if not out_ok:
+            return Check(name, FAIL, f"{where} is there (it gives outbound data of known tunnels their SA "
+                                     f"mark plus the bit {bit:#x}), but nothing in legacy mangle OUTPUT "
+                                     f"clears that bit{crash}: those packets are not queued and leave with "
+                                     f"the SA mark plus the bit (e.g. {_with_bit(bit)}), which "
+                                     "selects no SA: the known clients' tunnels die",
+                         f"restart l2tp-marker (it replaces the table and installs the rules that clear "
+                         f"the bit); without the daemon remove the table: {remove}")
+        if not in_ok:
+            return Check(name, WARN, f"{where} is there, but nothing in legacy mangle INPUT clears its bit "
+                                     f"{bit:#x}{crash}: inbound data of known tunnels keeps the SA mark "
+                                     f"plus the bit (e.g. {_with_bit(bit)}), so later rules and sockets "
+                                     "see a mark no SA has",
+                         f"restart l2tp-marker (it installs the rules that clear the bit); without the "
+                         f"daemon remove the table: {remove}")
+        if not _daemon_answers(f):
+            return Check(name, WARN, f"{where} is there but no daemon answers: left by a daemon that did "
+                                     "not exit cleanly; the kernel still marks the data of the tunnels in "
+                                     "it, but its entries no longer follow the tunnels (a new tunnel with "
+                                     "the same address, port and ID would get the old client's mark)",
+                         f"start l2tp-marker (it replaces the table), or remove it: {remove}")
+        if mode != "kernel":
+            if mode is None:
+                why = "it reports no fast path"
+            else:
+                why = f"mode {mode}" + (f": {st['reason']}" if st.get("reason") else "")
+            return Check(name, WARN, f"{where} is there but the daemon does not use it ({why}): a leftover "
+                                     "of another instance; its entries follow no tunnel",
+                         f"remove it: {remove}")
+        lacks = _table_shape(table)
+        if lacks:
+            return Check(name, WARN, f"the daemon uses {where}, but it lacks {', '.join(lacks)}: those "
+                                     "packets take the per-packet path until the daemon reinstalls it",
+                         "wait repair_interval seconds (the daemon reinstalls it), and find what changes "
+                         "the table (an 'nft flush ruleset' or 'nft -f' in a firewall reload?)")
+        return Check(name, PASS, _fastpath_in_use(st, tname))
+    # No table.
+    if _daemon_answers(f):
+        if st is None:
+            return Check(name, INFO, "the daemon reports no fast path (a version before it): every L2TP "
+                                     "packet is judged in userspace")
+        if mode == "kernel":
+            if tables is None:
+                return Check(name, PASS, _fastpath_in_use(st, tname)
+                             + f" (from the daemon's status; nft ruleset not readable: {f.nft_ruleset.why()})")
+            return Check(name, WARN, f"the daemon reports the kernel fast path, but {where} is missing: "
+                                     "every L2TP packet takes the per-packet path until the daemon "
+                                     "reinstalls it",
+                         "wait repair_interval seconds (the daemon reinstalls it), and find what deletes the "
+                         "table (an 'nft flush ruleset' in a firewall reload?)")
+        if mode == "fallback":
+            why = st.get("reason") or "no reason given"
+            return Check(name, WARN, f"kernel fast path not available ({why}): every L2TP packet is judged "
+                                     "in userspace, which costs CPU and latency with many clients",
+                         "run a kernel with nf_tables (CONFIG_NF_TABLES, nft_set_hash) and install "
+                         "libnftables1 (apt-get install libnftables1 nftables), then restart l2tp-marker; "
+                         "or set fastpath = \"off\" in its configuration to silence this")
+        return Check(name, INFO, f"kernel fast path off ({st.get('reason') or 'fastpath = off'}): every L2TP "
+                                 "packet is judged in userspace")
+    if tables is None:
+        return Check(name, INFO, f"nft ruleset not readable ({f.nft_ruleset.why()}): fast path not checked")
+    setting = f" (configuration: fastpath = {f.fastpath_setting})" if f.fastpath_setting else ""
+    return Check(name, INFO, f"no {where} and no daemon answers{setting}: nothing to check")
+
+
+def _fastpath_in_use(st: Mapping[str, Any] | None, tname: str) -> str:
+    st = st or {}
+    text = (f"kernel fast path in use: table ip {tname}, {st.get('out_entries', '?')} outbound / "
+            f"{st.get('in_entries', '?')} inbound entries")
+    extra = []
+    if st.get("aliased_tunnels"):
+        extra.append(f"{st['aliased_tunnels']} aliased tunnel(s) stay on the per-packet path")
+    if "packets_out" in st or "packets_in" in st:
+        extra.append(f"the kernel handled {st.get('packets_out', 0)} outbound / {st.get('packets_in', 0)} "
+                     "inbound packets")
+    return text + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def _sa_marks(f: Facts, legacy: IptTable | None, nft: IptTable | None,
+              states: list[XfrmState] | None) -> list[tuple[int, str]]:
+    """Every SA mark in sight, with where it was seen: xfrm states and policies, the connmark
+    plugin's (and anyone's) MARK/CONNMARK set rules, the daemon's tunnels."""
+    out: list[tuple[int, str]] = []
+    for s_ in states or ():
+        if s_.mark:
+            out.append((s_.mark, f"xfrm state {s_.src}->{s_.dst} spi {s_.spi}"))
+    if f.xfrm_policy.ok:
+        for p in parse_xfrm_policies(f.xfrm_policy.text):
+            if p.mark:
+                out.append((p.mark, f"xfrm policy {p.src}->{p.dst} dir {p.direction}"))
+    for label, t in (("legacy", legacy), ("iptables-nft", nft)):
+        for r in t.all_rules() if t is not None else ():
+            if not (is_connmark_set(r) or is_mark_set(r)):   # (the marker's own MARK rules set 0)
+                continue
+            m = set_mark_of(r)
+            if m:
+                out.append((m, f"{label} mangle '{r.show()}'"))
+    if _daemon_answers(f):
+        for t_ in f.status.get("tunnels", ()):
+            if isinstance(t_.get("mark"), int) and t_["mark"]:
+                out.append((t_["mark"], f"the daemon's tunnel {t_.get('peer')} id {t_.get('client_tid')}"))
+    return out
+
+
+def check_fastpath_bit(f: Facts, legacy: IptTable | None, nft: IptTable | None,
+                       states: list[XfrmState] | None, exp: Expected | None = None) -> Check:
+    """No SA mark may use the fast path's bit: the legacy rules take a packet with it for one the
+    kernel fast path handled (never queued, bit cleared)."""
+    name = "fastpath-bit"
+    exp = expected_rules(f) if exp is None else exp
+    st = _fastpath_status(f)
+    if _daemon_answers(f):
+        mode = st.get("mode") if st is not None else None
+        if mode in ("kernel", "fallback"):
+            bit = st.get("bit") if _one_bit(st.get("bit")) else (exp.bit if exp is not None else DEFAULT_BIT)
+            level = FAIL if mode == "kernel" else WARN
+            use = "the daemon uses" if mode == "kernel" else "the daemon reserves once its fast path works"
+        else:
+            return Check(name, INFO, "the kernel fast path is off: no mark bit is reserved")
+    elif f.fastpath_setting == "off":
+        return Check(name, INFO, "fastpath = off in the configuration: no mark bit is reserved")
+    else:
+        bit = exp.bit if exp is not None else (f.fastpath_bit if _one_bit(f.fastpath_bit) else DEFAULT_BIT)
+        level, use = FAIL, "the configuration reserves"
+    marks = _sa_marks(f, legacy, nft, states)
+    bad = [(m, w) for m, w in marks if m & bit]
+    if bad:
+        shown = "; ".join(f"{m:#x} ({w})" for m, w in bad[:6])
+        if len(bad) > 6:
+            shown += f"; {len(bad) - 6} more"
+        return Check(name, level, f"SA mark(s) use the fast-path bit {bit:#x} that {use}: {shown}. The "
+                                  "marker's legacy rules take a packet carrying that bit for one the kernel "
+                                  "fast path handled: it is never queued and the bit is cleared, so it "
+                                  "leaves with a mark that selects no SA",
+                     "give the marker a fastpath_bit that no mark on this host uses (strongSwan's %unique "
+                     "counts up from 1) and restart it, or set fastpath = \"off\"")
+    if not marks:
+        return Check(name, INFO, f"no SA marks seen (no SAs, plugin rules or tunnels) to compare with the "
+                                 f"fast-path bit {bit:#x}")
+    shown = ", ".join(f"{m:#x}" for m in sorted({m for m, _w in marks}))
+    return Check(name, PASS, f"no SA mark uses the fast-path bit {bit:#x} (marks {shown})")
 
 
 # -- iptables-nft route chain -----------------------------------------------------------------

@@ -54,10 +54,12 @@ class ProbeOptions:
                    xl2tpd_logs=tuple(d.get("xl2tpd_logs", ())), timeout=float(d.get("timeout", 10.0)))
 
 
-def collect(opts: ProbeOptions, *, ruleset: RuleSet | None, netns: str | None = None) -> Facts:
-    """The facts of this host (``netns=None``) or of network namespace ``netns``."""
+def collect(opts: ProbeOptions, *, ruleset: RuleSet | None, netns: str | None = None,
+            fastpath: str | None = None, fastpath_bit: int | None = None) -> Facts:
+    """The facts of this host (``netns=None``) or of network namespace ``netns``; ``ruleset``,
+    ``fastpath`` and ``fastpath_bit`` are the marker's configuration, as doctor was given it."""
     facts = collect_in_netns(netns, opts) if netns else collect_here(opts)
-    return replace(facts, netns=netns, ruleset=ruleset)
+    return replace(facts, netns=netns, ruleset=ruleset, fastpath_setting=fastpath, fastpath_bit=fastpath_bit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +269,9 @@ def collect_here(opts: ProbeOptions) -> Facts:
     return Facts(
         legacy_mangle=legacy_mangle(t),
         nft_mangle=run_tool(["iptables-nft", "-w", "5", "-t", "mangle", "-S", "-v"], t),
-        nft_ruleset=run_tool(["nft", "list", "ruleset"], t),
+        # -t: without set and map elements (the fast path's map can hold a tunnel per client; no check
+        # needs them, and loading them all costs time and memory)
+        nft_ruleset=run_tool(["nft", "-t", "list", "ruleset"], t),
         xfrm_state=Output(text=strip_secrets(xs.text)) if xs.ok else xs,
         xfrm_policy=run_tool(["ip", "xfrm", "policy"], t),
         conntrack=run_tool(["conntrack", "-L", "-p", "udp", "--dport", "1701", "-o", "extended"], t),
