@@ -300,7 +300,12 @@ class Daemon:
         from .backends.nft_fastpath import KernelFastPath  # noqa: PLC0415 - ctypes, live path only
 
         kernel = KernelFastPath(table_name(self.cfg.chain_prefix), self.cfg.fastpath_bit)
-        ok, why = kernel.is_supported()
+        if self.cfg.engine.mark_mask != 0xFFFFFFFF:
+            # The kernel map sets the whole mark; the engine keeps the bits outside mark_mask.
+            ok, why = False, (f"mark_mask {self.cfg.engine.mark_mask:#x} is partial, and the kernel map sets "
+                              "the whole mark (bits outside the mask would be lost)")
+        else:
+            ok, why = kernel.is_supported()
         if not ok:
             kernel.close()
             if self.cfg.fastpath == "on":

@@ -245,8 +245,6 @@ def hot_verdict(pkt: bytes, direction: str, mark_in: int, table: FastTable, mark
     if n < h + 6 or pkt[h] & 0x80 or pkt[h + 1] & 0x0F != 2:
         return MISS  # too short for a data header, a control message, or not L2TPv2
     t = h + 4 if pkt[h] & 0x40 else h + 2
-    if n < t + 2:
-        return MISS
     tid = (pkt[t] << 8) | pkt[t + 1]
     if direction == IN:
         if pkt[u + 2] != 0x06 or pkt[u + 3] != 0xA5:

@@ -183,10 +183,12 @@ class KernelFastPath:
     def _one_by_one(self, out_del, out_add, in_del, in_add) -> None:
         # A delete of an element that is gone (someone flushed the map) is not an error for us.
         for k in out_del:
-            self.nft.run(fp.element_script(self.table, [k], [], [], []))
+            if self.nft.run(fp.element_script(self.table, [k], [], [], []))[0] == 0:
+                self.stats["elements_deleted"] += 1
             self.out.pop(k, None)
         for k in in_del:
-            self.nft.run(fp.element_script(self.table, [], [], [k], []))
+            if self.nft.run(fp.element_script(self.table, [], [], [k], []))[0] == 0:
+                self.stats["elements_deleted"] += 1
             self.inb.discard(k)
         for k, v in out_add:
             rc, _, err = self.nft.run(fp.element_script(self.table, [], [(k, v)], [], []))

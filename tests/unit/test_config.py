@@ -32,6 +32,14 @@ def test_sample_holds_every_key_with_its_default():
     ({"engine": {"enforce": "kill"}}, "enforce"),
     ({"engine": {"nope": 1}}, "unknown key"),
     ({"engine": {"mark_mask": 0}}, "mark_mask"),
+    ({"fastpath": "maybe"}, "fastpath must be 'auto', 'on' or 'off'"),
+    ({"fastpath": True}, "fastpath must be"),
+    ({"fastpath_bit": 3}, "fastpath_bit must be one bit"),
+    ({"fastpath_bit": 0}, "fastpath_bit"),
+    ({"fastpath_bit": 0x100000000}, "fastpath_bit"),
+    ({"fastpath_bit": -0x80000000}, "fastpath_bit"),
+    ({"fastpath_bit": True}, "fastpath_bit"),
+    ({"fastpath_bit": "0x80000000"}, "fastpath_bit"),
 ])
 def test_bad_values_are_clear_errors(data, message):
     with pytest.raises(ConfigError, match=message):
@@ -45,3 +53,10 @@ def test_unreadable_and_broken_files(tmp_path):
     bad.write_text("queue_in = [")
     with pytest.raises(ConfigError, match="bad.toml"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("data", [{"fastpath": "on"}, {"fastpath": "off", "fastpath_bit": 1},
+                                  {"fastpath_bit": 0x100}, {"fastpath_bit": 0x80000000}])
+def test_good_fastpath_settings(data):
+    cfg = config_from_dict(data)
+    assert {k: getattr(cfg, k) for k in data} == data

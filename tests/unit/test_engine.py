@@ -261,3 +261,77 @@ def test_sccrq_for_an_established_tunnel_starts_over():
     assert e.counters["released_restarted"] == 1
     j(e, sccrp(1, 900), "out", 0)
     assert [t.our_tid for t in e.tunnels()] == [900]
+
+
+# ------------------------------------------------------------------ table events (the fast paths follow them)
+def test_sccrq_announces_the_tunnel_with_its_visible_id_and_sccrp_binds_it():
+    from l2tp_marker.engine import Peer, TableEvent
+
+    e, _ = make()
+    peer = Peer(NAT, 1701)
+    v = j(e, sccrq(1), "in", 5)
+    assert v.decision.events == (TableEvent("learn", peer, 1, 1, None, 5),)
+    v = j(e, sccrq(1), "in", 6)  # a second PC with the same ID: aliased, announced under its alias
+    assert v.decision.reason == "sccrq_aliased"
+    assert v.decision.events == (TableEvent("learn", peer, 0xFFFF, 1, None, 6),)
+    assert j(e, sccrq(1), "in", 6).decision.events == ()  # a retransmission announces nothing
+    v = j(e, sccrp(0xFFFF, 800), "out", 5)
+    assert v.decision.events == (TableEvent("bind", peer, 0xFFFF, 1, 800, 6),)
+    assert j(e, sccrp(0xFFFF, 800), "out", 5).decision.events == ()  # same LNS ID again: no change
+    v = j(e, sccrp(0xFFFF, 801), "out", 5)  # the LNS answered with another ID: bound anew
+    assert v.decision.events == (TableEvent("bind", peer, 0xFFFF, 1, 801, 6),)
+    # Data and inbound packets never change the table.
+    assert j(e, data("out", 0xFFFF, 1), "out", 0).decision.events == ()
+    assert j(e, data("in", 801, 1), "in", 6).decision.events == ()
+
+
+def test_every_way_out_of_the_table_is_a_release_event():
+    from l2tp_marker.engine import Peer, TableEvent
+
+    peer = Peer(NAT, 1701)
+    # StopCCN: released after the hold time, by the next judged packet or by expire().
+    e, clock = make()
+    up(e, 1, 700, 1)
+    j(e, stopccn("out", 1, 700), "out", 1)
+    clock.advance(C.STOPCCN_HOLD_SECONDS - 1)
+    assert e.expire() == []
+    clock.advance(1)
+    assert e.expire() == [TableEvent("release", peer, 1, 1, 700, 1)]
+    # Idle (the LNS went silent) and pending (never answered).
+    e, clock = make(idle_timeout=100, pending_timeout=30)
+    up(e, 1, 700, 1)
+    j(e, sccrq(2), "in", 2)
+    clock.advance(30)
+    v = j(e, data("in", 700, 1), "in", 1)
+    assert v.decision.events == (TableEvent("release", peer, 2, 2, None, 2),)
+    clock.advance(70)
+    assert e.expire() == [TableEvent("release", peer, 1, 1, 700, 1)]
+    # Eviction from a full table: the release comes before the newcomer's learn.
+    e, _ = make(max_tunnels_per_mark=1)
+    j(e, sccrq(1), "in", 3)
+    v = j(e, sccrq(2), "in", 3)
+    assert v.decision.events == (TableEvent("release", peer, 1, 1, None, 3), TableEvent("learn", peer, 2, 2, None, 3))
+    # A client starting over: the stale entry is released, the same key learned again.
+    e, _ = make()
+    up(e, 1, 700, 1)
+    v = j(e, sccrq(1), "in", 1)
+    assert v.decision.events == (TableEvent("release", peer, 1, 1, 700, 1), TableEvent("learn", peer, 1, 1, None, 1))
+    # clear() releases everything.
+    assert e.clear() == [TableEvent("release", peer, 1, 1, None, 1)]
+
+
+def test_import_state_announces_each_tunnel_then_binds_the_bound_ones():
+    from l2tp_marker.engine import Peer, TableEvent
+
+    e, _ = make()
+    up(e, 1, 700, 1)
+    up(e, 1, 800, 2)                      # aliased to 0xFFFF
+    j(e, sccrq(9, port=4500), "in", 3)    # pending: no LNS ID yet
+    e2, _ = make()
+    events = e2.import_state(json.loads(json.dumps(e.export_state())))
+    p, p2 = Peer(NAT, 1701), Peer(NAT, 4500)
+    assert events == [
+        TableEvent("learn", p, 1, 1, None, 1), TableEvent("bind", p, 1, 1, 700, 1),
+        TableEvent("learn", p, 0xFFFF, 1, None, 2), TableEvent("bind", p, 0xFFFF, 1, 800, 2),
+        TableEvent("learn", p2, 9, 9, None, 3),
+    ]
