@@ -61,10 +61,12 @@ def format_status(st: dict) -> list[str]:
     fpst = st.get("fastpath")
     if fpst:
         if fpst.get("mode") == "kernel":
+            where = ("rewritten in the kernel" if fpst.get("aliases_in_kernel")
+                     else f"on the per-packet path ({fpst.get('alias_reason')})")
             lines.append(f"fast path: kernel, table ip {fpst.get('table')}: {fpst.get('out_entries', 0)} outbound / "
-                         f"{fpst.get('in_entries', 0)} inbound entries, {fpst.get('packets_out', 0)} / "
-                         f"{fpst.get('packets_in', 0)} packets never queued; {fpst.get('aliased_tunnels', 0)} "
-                         f"aliased tunnel(s) on the per-packet path")
+                         f"{fpst.get('alias_entries', 0)} aliased / {fpst.get('in_entries', 0)} inbound entries, "
+                         f"{fpst.get('packets_out', 0)} / {fpst.get('packets_in', 0)} packets never queued; "
+                         f"{fpst.get('aliased_tunnels', 0)} aliased tunnel(s) {where}")
         else:
             lines.append(f"fast path: {fpst.get('mode')} ({fpst.get('reason')}): every packet is judged in userspace")
     lines.append(f"{len(rows)} tunnel(s)")

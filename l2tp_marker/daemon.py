@@ -285,9 +285,11 @@ class Daemon:
                  self.backend.name, ", ".join(self.ruleset.chains), self.cfg.queue_in,
                  self.cfg.queue_out, len(self.engine))
         if self.kernel is not None:
-            log.info("kernel fast path on: nftables table ip %s (%d outbound, %d inbound entries); "
-                     "aliased tunnels stay on the per-packet path", self.kernel.table,
-                     len(self.kernel.out), len(self.kernel.inb))
+            log.info("kernel fast path on: nftables table ip %s (%d outbound, %d aliased, %d inbound entries); "
+                     "aliased tunnels %s", self.kernel.table, len(self.kernel.out), len(self.kernel.alias),
+                     len(self.kernel.inb),
+                     "rewritten in the kernel" if self.kernel.aliases_in_kernel
+                     else f"on the per-packet path ({self.kernel.alias_reason})")
         else:
             log.log(logging.WARNING if self.cfg.fastpath == "auto" else logging.INFO,
                     "kernel fast path not in use (%s): every L2TP packet is judged in userspace",
@@ -348,6 +350,9 @@ class Daemon:
         st = {"mode": self.fastpath_mode, "reason": self.fastpath_reason, "setting": self.cfg.fastpath,
               "bit": self.cfg.fastpath_bit, "table": k.table if k else None,
               "out_entries": len(k.out) if k else 0, "in_entries": len(k.inb) if k else 0,
+              "alias_entries": len(k.alias) if k else 0,
+              "aliases_in_kernel": bool(k and k.aliases_in_kernel),
+              "alias_reason": k.alias_reason if k else None,
               "userspace_tunnels": len(self.fast.out), "aliased_tunnels": aliased,
               "userspace_packets_in": self.handler.hot_in, "userspace_packets_out": self.handler.hot_out}
         if k is not None:

@@ -2,13 +2,15 @@
 
 Pure (no I/O). Two consumers follow the engine's :class:`~l2tp_marker.engine.TableEvent` stream:
 
-* the **kernel fast path** (``backends/nft_fastpath.py``): an nftables table whose map gives the
-  data packets of plain (non-aliased) tunnels their SA mark before the legacy mangle chains run,
-  and whose set lets inbound data of known tunnels skip the queue. Those packets never reach
-  userspace. See docs/fastpath-notes.md for the measurements behind every choice here.
+* the **kernel fast path** (``backends/nft_fastpath.py``): an nftables table whose maps give the
+  data packets of known tunnels their SA mark before the legacy mangle chains run (aliased tunnels
+  also get the client's tunnel ID back, ``backends/nft_rewrite.py``), and whose set lets inbound
+  data of known tunnels skip the queue. Those packets never reach userspace. See
+  docs/fastpath-notes.md for the measurements behind every choice here.
 * the **userspace fast path** (:func:`hot_verdict`): the same match and the same keys, applied in
-  the daemon to data packets that still reach the queue (aliased tunnels, whose header must be
-  rewritten, and everything when the kernel fast path is off), without the full decode.
+  the daemon to data packets that still reach the queue (everything when the kernel fast path is
+  off; aliased tunnels when the kernel's rewrite rules could not be verified), without the full
+  decode.
 
 Both apply exactly the kernel rule's match: IPv4, UDP, L2TP version 2, T bit clear (data), the
 gateway's port 1701 on the gateway side, and the key (peer address, peer port, tunnel ID in the
@@ -158,15 +160,25 @@ def _in_int(key: InKey) -> int | None:
 
 
 def kernel_out_value(key: OutKey, value: tuple[int, int] | None, bit: int) -> int | None:
-    """The map value the kernel should hold for ``key`` (None: no element). Aliased tunnels stay
-    out of the map (their header needs a rewrite that nft cannot express with a valid checksum),
-    as do IPv6 peers (the table is ``ip``) and marks that are zero or use the reserved bit."""
+    """The ``out_marks`` value the kernel should hold for ``key`` (None: no element). Aliased
+    tunnels go to the alias maps instead (:func:`kernel_alias_value`); IPv6 peers (the table is
+    ``ip``) and marks that are zero or use the reserved bit stay on the userspace path."""
     if value is None:
         return None
     mark, client_tid = value
     if client_tid != key[2] or _v4(key[0]) is None or not mark or mark & bit:
         return None
     return mark | bit
+
+
+def kernel_alias_value(key: OutKey, value: tuple[int, int] | None, bit: int) -> tuple[int, int] | None:
+    """For an aliased tunnel: (alias_marks value, the client's real tunnel ID), else None."""
+    if value is None:
+        return None
+    mark, client_tid = value
+    if client_tid == key[2] or _v4(key[0]) is None or not mark or mark & bit:
+        return None
+    return mark | bit, client_tid
 
 
 def kernel_in_ok(key: InKey, bit: int) -> bool:
@@ -188,16 +200,18 @@ def _match(port_dir: str, l_bit: bool) -> str:
     return f"udp {port_dir} {L2TP_PORT} @th,64,2 {0x1 if l_bit else 0x0:#x} @th,76,4 2"
 
 
-def table_script(table: str, bit: int) -> str:
-    """The whole table, replacing any earlier one atomically (one nft transaction)."""
+def table_script(table: str, bit: int, extra_maps: list[str] = (), extra_out_rules: list[str] = ()) -> str:
+    """The whole table, replacing any earlier one atomically (one nft transaction). ``extra_*``:
+    the aliased tunnels' maps and mark rules (backends/nft_rewrite.py), after ours."""
     lines = [f"add table ip {table}", f"delete table ip {table}", f"table ip {table} {{",
              "  map out_marks {", "    typeof ip daddr . udp dport . @th,96,16 : meta mark", "  }",
              "  set in_known {", "    typeof ip saddr . udp sport . @th,96,16 . meta mark", "  }",
+             *extra_maps,
              "  chain out {", f"    type route hook output priority {PRIORITY}; policy accept;"]
     for l_bit, off in ((True, 96), (False, 80)):
         lines.append(f"    {_match('sport', l_bit)} meta mark set ip daddr . udp dport . @th,{off},16 "
                      f"map @out_marks counter")
-    lines += ["  }", "  chain in {", f"    type filter hook input priority {PRIORITY}; policy accept;"]
+    lines += [*extra_out_rules, "  }", "  chain in {", f"    type filter hook input priority {PRIORITY}; policy accept;"]
     for l_bit, off in ((True, 96), (False, 80)):
         lines.append(f"    {_match('dport', l_bit)} ip saddr . udp sport . @th,{off},16 . meta mark @in_known "
                      f"meta mark set meta mark | {bit:#x} counter")

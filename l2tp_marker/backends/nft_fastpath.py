@@ -16,6 +16,7 @@ import time
 
 from .. import fastpath as fp
 from . import BackendError
+from . import nft_rewrite as rw
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,30 @@ class Nft:
             self._ctx = None
 
 
+def _looks_up(exprs, set_name: str) -> bool:
+    for e in exprs:
+        if e.get_attr("NFTA_EXPR_NAME") == "lookup":
+            data = e.get_attr("NFTA_EXPR_DATA")
+            if data is not None and data.get_attr("NFTA_LOOKUP_SET") == set_name:
+                return True
+    return False
+
+
 class KernelFastPath:
     """Installs, fills, checks and removes the fast path's table (``ip <table>``)."""
 
-    def __init__(self, table: str, bit: int = fp.DEFAULT_BIT, nft: Nft | None = None):
+    def __init__(self, table: str, bit: int = fp.DEFAULT_BIT, nft: Nft | None = None, aliases: bool = True):
         self.table = table
         self.bit = bit
         self._nft = nft
         self.out: dict[fp.OutKey, int] = {}   # what the kernel map holds (as far as we know)
         self.inb: set[fp.InKey] = set()
+        self.alias: dict[fp.OutKey, tuple[int, int]] = {}  # aliased tunnels: (mark value, real ID)
+        # Aliased tunnels are on the kernel path only while the rewrite rules are in place and
+        # verified (checksum update included); otherwise their data stays on the userspace path.
+        self.want_aliases = aliases
+        self.aliases_in_kernel = False
+        self.alias_reason = "not installed"
         self.stats = {"commits": 0, "elements_added": 0, "elements_deleted": 0, "errors": 0,
                       "reinstalls": 0, "last_commit_ms": 0.0}
         self.installed = False
@@ -96,17 +112,21 @@ class KernelFastPath:
         except BackendError as exc:
             return False, str(exc)
         probe = f"{self.table}_probe"[:60]
-        rc, _, err = nft.run(fp.table_script(probe, self.bit))
+        rc, _, err = nft.run(fp.table_script(probe, self.bit, rw.table_map_lines(), rw.table_rule_lines()))
         nft.run(fp.delete_script(probe))
         if rc != 0:
             return False, "nftables cannot build the fast-path table: " + " ".join(err.split())[:300]
         return True, "nftables route chain with a tunnel map"
 
+    def _script(self) -> str:
+        return fp.table_script(self.table, self.bit, rw.table_map_lines(), rw.table_rule_lines())
+
     def install(self, table: fp.FastTable) -> None:
-        """(Re)create the table and put every entry of ``table`` in it, in one transaction."""
+        """(Re)create the table and put every entry of ``table`` in it, in one transaction; then
+        the aliased tunnels' rewrite rules (netlink) and, once they verify, their entries."""
         out_add = [(k, v) for k in table.out if (v := fp.kernel_out_value(k, table.out[k], self.bit)) is not None]
         in_add = [k for k in table.inb if fp.kernel_in_ok(k, self.bit)]
-        script = fp.table_script(self.table, self.bit) + fp.element_script(self.table, [], out_add, [], in_add)
+        script = self._script() + fp.element_script(self.table, [], out_add, [], in_add)
         t0 = time.perf_counter()
         rc, _, err = self.nft.run(script)
         if rc != 0:
@@ -114,18 +134,58 @@ class KernelFastPath:
         self.stats["last_commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         self.out = dict(out_add)
         self.inb = set(in_add)
+        self.alias = {}
         table.take_dirty()
         self.installed = True
         self.stats["elements_added"] += len(out_add) + len(in_add)
+        self.aliases_in_kernel = False
+        if not self.want_aliases:
+            self.alias_reason = "off"
+            return
+        try:
+            rw.install_rewrite_rules(self.table)
+        except BackendError as exc:
+            self.alias_reason = f"rewrite rules not installed: {exc}"
+            log.warning("aliased tunnels stay on the per-packet path: %s", self.alias_reason)
+            return
+        self.aliases_in_kernel, self.alias_reason = True, "rewrite rules verified"
+        adds = [(k, *v) for k in table.out if (v := fp.kernel_alias_value(k, table.out[k], self.bit)) is not None]
+        if adds:
+            self._run_alias([], adds)
+
+    def _run_alias(self, deletes: list, adds: list) -> None:
+        rc, _, err = self.nft.run(rw.alias_element_script(self.table, deletes, adds))
+        if rc == 0:
+            for k in deletes:
+                self.alias.pop(k, None)
+            for k, m, t in adds:
+                self.alias[k] = (m, t)
+            self.stats["elements_added"] += len(adds)
+            self.stats["elements_deleted"] += len(deletes)
+            return
+        for k in deletes:
+            if self.nft.run(rw.alias_element_script(self.table, [k], []))[0] == 0:
+                self.stats["elements_deleted"] += 1
+            self.alias.pop(k, None)
+        for k, m, t in adds:
+            rc, _, err = self.nft.run(rw.alias_element_script(self.table, [], [(k, m, t)]))
+            if rc == 0:
+                self.alias[k] = (m, t)
+                self.stats["elements_added"] += 1
+            else:
+                self.stats["errors"] += 1
+                log.error("fast path: cannot add aliased tunnel %s: %s (its data stays on the userspace path)",
+                          fp._elem_out(k), " ".join(err.split())[:200])
 
     def remove(self) -> None:
         """Delete the table (safe when it is not there)."""
         if self._nft is None and not self.installed:
             return
         rc, _, err = self.nft.run(fp.delete_script(self.table))
-        self.installed = False
+        self.installed = self.aliases_in_kernel = False
         self.out.clear()
         self.inb.clear()
+        self.alias.clear()
         if rc != 0:
             raise BackendError(f"cannot delete nftables table ip {self.table}: {' '.join(err.split())[:300]}")
 
@@ -140,16 +200,23 @@ class KernelFastPath:
         dirty_out, dirty_in = table.take_dirty()
         if not self.installed or (not dirty_out and not dirty_in):
             return 0
-        out_del, out_add, in_del, in_add = [], [], [], []
+        out_del, out_add, in_del, in_add, al_del, al_add = [], [], [], [], [], []
         for k in dirty_out:
-            want = fp.kernel_out_value(k, table.out.get(k), self.bit)
+            value = table.out.get(k)
+            want = fp.kernel_out_value(k, value, self.bit)
             have = self.out.get(k)
-            if want == have:
-                continue
-            if have is not None:
-                out_del.append(k)
-            if want is not None:
-                out_add.append((k, want))
+            if want != have:
+                if have is not None:
+                    out_del.append(k)
+                if want is not None:
+                    out_add.append((k, want))
+            awant = fp.kernel_alias_value(k, value, self.bit) if self.aliases_in_kernel else None
+            ahave = self.alias.get(k)
+            if awant != ahave:
+                if ahave is not None:
+                    al_del.append(k)
+                if awant is not None:
+                    al_add.append((k, *awant))
         for k in dirty_in:
             want = k in table.inb and fp.kernel_in_ok(k, self.bit)
             have = k in self.inb
@@ -157,18 +224,32 @@ class KernelFastPath:
                 in_add.append(k)
             elif have and not want:
                 in_del.append(k)
-        if not (out_del or out_add or in_del or in_add):
+        if not (out_del or out_add or in_del or in_add or al_del or al_add):
             return 0
         t0 = time.perf_counter()
-        rc, _, err = self.nft.run(fp.element_script(self.table, out_del, out_add, in_del, in_add))
+        script = fp.element_script(self.table, out_del, out_add, in_del, in_add)
+        if al_del or al_add:
+            script += rw.alias_element_script(self.table, al_del, al_add)
+        rc, _, err = self.nft.run(script)
         self.stats["last_commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         self.stats["commits"] += 1
         if rc == 0:
             self._applied(out_del, out_add, in_del, in_add)
+            self._applied_alias(al_del, al_add)
         else:
             log.warning("fast-path update failed (%s); retrying element by element", " ".join(err.split())[:200])
             self._one_by_one(out_del, out_add, in_del, in_add)
-        return len(out_del) + len(out_add) + len(in_del) + len(in_add)
+            if al_del or al_add:
+                self._run_alias(al_del, al_add)
+        return len(out_del) + len(out_add) + len(in_del) + len(in_add) + len(al_del) + len(al_add)
+
+    def _applied_alias(self, al_del, al_add) -> None:
+        for k in al_del:
+            self.alias.pop(k, None)
+        for k, m, t in al_add:
+            self.alias[k] = (m, t)
+        self.stats["elements_added"] += len(al_add)
+        self.stats["elements_deleted"] += len(al_del)
 
     def _applied(self, out_del, out_add, in_del, in_add) -> None:
         for k in out_del:
@@ -222,12 +303,17 @@ class KernelFastPath:
                 return None
             sets = {x.get_attr("NFTA_SET_NAME") for x in nl.get_sets() if x.get_attr("NFTA_SET_TABLE") == self.table}
             rules: dict[str, list[list]] = {}
+            rewrites: list[list] = []
             for r in nl.get_rules():
                 if r.get_attr("NFTA_RULE_TABLE") == self.table:
-                    rules.setdefault(r.get_attr("NFTA_RULE_CHAIN"), []).append(r.get_attr("NFTA_RULE_EXPRESSIONS") or [])
+                    exprs = r.get_attr("NFTA_RULE_EXPRESSIONS") or []
+                    if _looks_up(exprs, rw.ALIAS_IDS):
+                        rewrites.append(exprs)  # the aliased tunnels' rewrite rules: counted apart
+                    else:
+                        rules.setdefault(r.get_attr("NFTA_RULE_CHAIN"), []).append(exprs)
         finally:
             nl.close()
-        return {"chains": chains, "sets": sets, "rules": rules}
+        return {"chains": chains, "sets": sets, "rules": rules, "rewrites": rewrites}
 
     def check(self) -> list[str]:
         """What is wrong with the installed table (empty: nothing)."""
@@ -239,7 +325,9 @@ class KernelFastPath:
             return [f"cannot read nftables table ip {self.table}: {exc}"]
         if got is None:
             return [f"nftables table ip {self.table} is missing"]
-        problems = [f"nftables set {n} is missing" for n in ("out_marks", "in_known") if n not in got["sets"]]
+        problems = [f"nftables set {n} is missing" for n in ("out_marks", "in_known", rw.ALIAS_MARKS, rw.ALIAS_IDS)
+                    if n not in got["sets"]]
+        want_rules = {"out": 4, "in": 2}  # out: out_marks, alias_marks (L=1, L=0 each)
         for name, hooknum in (("out", 3), ("in", 1)):  # NF_INET_LOCAL_OUT, NF_INET_LOCAL_IN
             hook = got["chains"].get(name)
             if hook is None:
@@ -249,13 +337,19 @@ class KernelFastPath:
                 problems.append(f"nftables chain {self.table} {name} is not on its hook at priority {fp.PRIORITY}")
             rules = got["rules"].get(name, [])
             looks = [r for r in rules if any(e.get_attr("NFTA_EXPR_NAME") == "lookup" for e in r)]
-            if len(rules) != 2 or len(looks) != 2:
-                problems.append(f"nftables chain {self.table} {name} does not hold its 2 rules")
+            if len(rules) != want_rules[name] or len(looks) != want_rules[name]:
+                problems.append(f"nftables chain {self.table} {name} does not hold its {want_rules[name]} rules")
+        want_rw = 4 if self.aliases_in_kernel else 2  # raw writes (no checksum) + the netlink-built ones
+        if len(got["rewrites"]) != want_rw:
+            problems.append(f"nftables chain {self.table} out holds {len(got['rewrites'])} alias rewrite rules, "
+                            f"not {want_rw}")
+        if self.aliases_in_kernel:
+            problems += rw.verify_rewrite_rules(self.table)
         return problems
 
     def counters(self) -> dict[str, int]:
         """Packets the kernel fast path handled, per direction (from the rules' counters)."""
-        res = {"packets_out": 0, "packets_in": 0, "bytes_out": 0, "bytes_in": 0}
+        res = {"packets_out": 0, "packets_in": 0, "bytes_out": 0, "bytes_in": 0, "packets_rewritten": 0}
         if not self.installed:
             return res
         try:
@@ -269,4 +363,8 @@ class KernelFastPath:
                         data = e.get_attr("NFTA_EXPR_DATA")
                         res[f"packets_{name}"] += int(data.get_attr("NFTA_COUNTER_PACKETS") or 0)
                         res[f"bytes_{name}"] += int(data.get_attr("NFTA_COUNTER_BYTES") or 0)
+        for exprs in (got or {}).get("rewrites", []):
+            for e in exprs:
+                if e.get_attr("NFTA_EXPR_NAME") == "counter":
+                    res["packets_rewritten"] += int(e.get_attr("NFTA_EXPR_DATA").get_attr("NFTA_COUNTER_PACKETS") or 0)
         return res

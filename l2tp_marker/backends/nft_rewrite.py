@@ -66,11 +66,18 @@ def table_map_lines() -> list[str]:
 
 
 def table_rule_lines() -> list[str]:
-    """The two text rules marking aliased tunnels' data, for chain ``out`` right after the two
-    ``out_marks`` rules (before the rewrite rules, which :func:`install_rewrite_rules` appends)."""
-    return [f"    {fp._match('sport', l_bit)} udp checksum != 0 meta mark set "
-            f"ip daddr . udp dport . @th,{off * 8},16 map @{ALIAS_MARKS} counter"
-            for l_bit, off in LAYOUTS]
+    """The text rules for aliased tunnels' data, for chain ``out`` right after the two ``out_marks``
+    rules: the mark (keyed by the alias, so before any rewrite), then the rewrite of packets without
+    a UDP checksum (0: a raw write is right, and the INET update would corrupt it; xl2tpd sends its
+    packets so, with SO_NO_CHECK). Packets with a checksum get the netlink-built rewrite with the
+    checksum update, which :func:`install_rewrite_rules` appends after these."""
+    marks = [f"    {fp._match('sport', l_bit)} meta mark set "
+             f"ip daddr . udp dport . @th,{off * 8},16 map @{ALIAS_MARKS} counter"
+             for l_bit, off in LAYOUTS]
+    raw = [f"    {fp._match('sport', l_bit)} udp checksum 0 @th,{off * 8},16 set "
+           f"ip daddr . udp dport . @th,{off * 8},16 map @{ALIAS_IDS} counter"
+           for l_bit, off in LAYOUTS]
+    return marks + raw
 
 
 def alias_element_script(table: str, deletes: Iterable[fp.OutKey],

@@ -2,18 +2,19 @@
 
 What issue #5 asks to see: data packets of known tunnels never reach the daemon's queues (the
 kernel's NFQUEUE counters prove it, and every queued packet is in the decision log), control
-messages still do, every client stays on its own SA, aliased tunnels' outbound data stays on the
-userspace path, and the daemon falls back to (and still works on) the per-packet path.
+messages still do, every client stays on its own SA, aliased tunnels' headers are rewritten in the
+kernel with valid checksums, and the daemon falls back to (and still works on) the per-packet path.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
 
 from l2tp_marker.lab.marker import MarkerProcess
-from l2tp_marker.lab.topology import ClientSpec
+from l2tp_marker.lab.topology import DEAD_IF, ClientSpec
 
 from .test_marker_lab import ECHO, SETTLE, assert_isolated, bring_up, observe
 
@@ -69,24 +70,46 @@ def test_known_tunnels_data_is_not_queued_but_control_is(make_lab):
     assert sum(1 for r in all_logged if r["kind"] == "SCCRQ" and r["reason"] == "sccrq_learned") == 3
 
 
-def test_aliased_tunnel_data_stays_on_the_userspace_path(make_lab):
-    # Two Windows clients with tunnel ID 1: the second is aliased; its header must be rewritten, so
-    # its outbound data is queued and handled by the daemon's userspace fast path.
+@pytest.mark.parametrize("offload", ["on", "off"])
+def test_aliased_tunnel_is_rewritten_in_the_kernel_with_valid_checksums(make_lab, offload):
+    # Two Windows clients with tunnel ID 1: the second is aliased, so the kernel must write the
+    # client's tunnel ID back into every outbound data header. With checksum offload off on the
+    # gateway's links the UDP checksum is computed in software before netfilter: a rewrite without
+    # the checksum update would be dropped by the client's stack, and its PPP echo would fail.
+    if offload == "off" and shutil.which("ethtool") is None:
+        pytest.skip("ethtool is not installed (scripts/install-deps.sh --test installs it)")
     with make_lab([WIN, WIN], echo_interval=ECHO) as lab:
+        if offload == "off":
+            for dev in ("c1", "c2", DEAD_IF):
+                lab.gw_run(["ethtool", "-K", dev, "tx", "off"], check=True)
         marker = MarkerProcess(lab, decision_log=False)
         assert bring_up(lab, marker), lab.report().format()
         time.sleep(1.0)
         lab.stop_observer()
         f0 = marker.status()["fastpath"]
+        csum0 = _csum_errors(lab)
         report = observe(lab, SETTLE)
         f1 = marker.status()["fastpath"]
+        csum1 = _csum_errors(lab)
         marker.stop()
     assert_isolated(report)
-    assert f0["mode"] == "kernel" and f0["aliased_tunnels"] == 1, f0
-    assert f0["out_entries"] == 1 and f0["in_entries"] == 2, f0
-    assert f1["userspace_packets_out"] - f0["userspace_packets_out"] > 0, (f0, f1)
-    assert f1["packets_out"] - f0["packets_out"] > 0, (f0, f1)       # the plain tunnel: kernel
-    assert f1["userspace_packets_in"] == f0["userspace_packets_in"], (f0, f1)  # inbound: all kernel
+    assert f0["mode"] == "kernel" and f0["aliased_tunnels"] == 1 and f0["aliases_in_kernel"], f0
+    assert (f0["out_entries"], f0["alias_entries"], f0["in_entries"]) == (1, 1, 2), f0
+    assert f1["packets_rewritten"] - f0["packets_rewritten"] > 0, (f0, f1)   # the aliased tunnel
+    assert f1["packets_out"] - f0["packets_out"] > f1["packets_rewritten"] - f0["packets_rewritten"]
+    assert f1["userspace_packets_out"] == f0["userspace_packets_out"], (f0, f1)  # nothing left for userspace
+    assert f1["userspace_packets_in"] == f0["userspace_packets_in"], (f0, f1)
+    assert csum1 == csum0, (csum0, csum1)
+
+
+def _csum_errors(lab) -> dict[str, int]:
+    """Udp InCsumErrors of every client namespace (a bad checksum is dropped and counted there)."""
+    out = {}
+    for n in range(1, len(lab.config.clients) + 1):
+        text = lab.client_run(n, ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
+        udp = [line.split() for line in text if line.startswith("Udp:")]
+        out[n] = int(dict(zip(udp[0][1:], udp[1][1:]))["InCsumErrors"])
+    return out
 
 
 def test_fast_path_off_judges_every_packet_in_userspace(make_lab):

@@ -59,17 +59,22 @@ def test_table_additions_exact_text():
         "  map alias_marks {", "    typeof ip daddr . udp dport . @th,96,16 : meta mark", "  }",
         "  map alias_ids {", "    typeof ip daddr . udp dport . @th,96,16 : @th,96,16", "  }"]
     assert rw.table_rule_lines() == [
-        "    udp sport 1701 @th,64,2 0x1 @th,76,4 2 udp checksum != 0 "
+        "    udp sport 1701 @th,64,2 0x1 @th,76,4 2 "
         "meta mark set ip daddr . udp dport . @th,96,16 map @alias_marks counter",
-        "    udp sport 1701 @th,64,2 0x0 @th,76,4 2 udp checksum != 0 "
-        "meta mark set ip daddr . udp dport . @th,80,16 map @alias_marks counter"]
+        "    udp sport 1701 @th,64,2 0x0 @th,76,4 2 "
+        "meta mark set ip daddr . udp dport . @th,80,16 map @alias_marks counter",
+        "    udp sport 1701 @th,64,2 0x1 @th,76,4 2 udp checksum 0 "
+        "@th,96,16 set ip daddr . udp dport . @th,96,16 map @alias_ids counter",
+        "    udp sport 1701 @th,64,2 0x0 @th,76,4 2 udp checksum 0 "
+        "@th,80,16 set ip daddr . udp dport . @th,80,16 map @alias_ids counter"]
 
 
 def test_full_script_puts_the_alias_mark_rules_after_the_out_marks_rules():
     out = full_script().split("  chain out {")[1].split("  }")[0].splitlines()
     rules = [x.strip() for x in out if "map @" in x]
-    assert ["@out_marks" in r for r in rules] == [True, True, False, False]
-    assert all("@alias_marks" in r for r in rules[2:])
+    assert [r.split("map @")[1].split()[0] for r in rules] == [
+        "out_marks", "out_marks", "alias_marks", "alias_marks", "alias_ids", "alias_ids"]
+    assert all("udp checksum 0" in r for r in rules[4:])   # the raw write only where there is no checksum
 
 
 def test_alias_element_script():
@@ -362,7 +367,8 @@ class Topo:
             if m is None:
                 continue
             lb = "L=1" if "@th,96,16" in line else "L=0"
-            kind = "rewrite" if "@alias_ids" in line else "mark" if "@alias_marks" in line else "out_marks"
+            kind = ("rewrite" if "comment" in line else "raw" if "@alias_ids" in line
+                    else "mark" if "@alias_marks" in line else "out_marks")
             res[f"{kind} {lb}"] = res.get(f"{kind} {lb}", 0) + int(m.group(1))
         return res
 
@@ -407,7 +413,7 @@ def test_kernel_rewrites_aliased_data_with_a_valid_checksum_and_marks_it(mode):
         errs0 = {ns: t.csum_errors(ns) for ns in (t.client, t.dead)}
         t.send(data_l(ALIAS))
         t.send(data_nol(ALIAS))
-        t.send(data_l(ALIAS), no_check=True)   # checksum 0: neither marked nor rewritten
+        t.send(data_l(ALIAS), no_check=True)   # checksum 0 (as xl2tpd sends): marked, raw rewrite
         t.send(data_l(UNKNOWN))                # not aliased: untouched, unmarked
         got_client = t.drain(t.rx[t.client])
         got_dead = t.drain(t.rx[t.dead])
@@ -415,20 +421,21 @@ def test_kernel_rewrites_aliased_data_with_a_valid_checksum_and_marks_it(mode):
         errs1 = {ns: t.csum_errors(ns) for ns in (t.client, t.dead)}
         counters = t.counters()
 
-    # Marked (so routed by fwmark to the client) and rewritten to the real ID, both layouts.
-    assert [(bool(p[0] & 0x40), tid_of(p)) for p in got_client] == [(True, REAL), (False, REAL)], got_client
-    assert got_client == [data_l(REAL), data_nol(REAL)]            # nothing else changed
+    # Marked (so routed by fwmark to the client) and rewritten to the real ID, both layouts, with
+    # and without a checksum.
+    assert [(bool(p[0] & 0x40), tid_of(p)) for p in got_client] == [(True, REAL), (False, REAL), (True, REAL)], got_client
+    assert got_client == [data_l(REAL), data_nol(REAL), data_l(REAL)]   # nothing else changed
     # Not marked (main table: the dead end) and not rewritten.
-    assert [tid_of(p) for p in got_dead] == [ALIAS, UNKNOWN], got_dead
+    assert [tid_of(p) for p in got_dead] == [UNKNOWN], got_dead
     assert errs1 == errs0
-    assert counters == {"out_marks L=1": 0, "out_marks L=0": 0, "mark L=1": 1, "mark L=0": 1,
-                        "rewrite L=1": 1, "rewrite L=0": 1}, counters
+    assert counters == {"out_marks L=1": 0, "out_marks L=0": 0, "mark L=1": 2, "mark L=0": 1,
+                        "raw L=1": 1, "raw L=0": 0, "rewrite L=1": 1, "rewrite L=0": 1}, counters
     # What arrived at the client, checked by hand (a PARTIAL skb carries only the checksum seed).
-    assert len(captured) == 2
-    assert [tid_of(p[28:]) for p in captured] == [REAL, REAL]
-    assert all(p[26:28] != b"\0\0" for p in captured)
+    assert len(captured) == 3
+    assert [tid_of(p[28:]) for p in captured] == [REAL, REAL, REAL]
+    assert all(p[26:28] != b"\0\0" for p in captured[:2]) and captured[2][26:28] == b"\0\0"
     if mode != "hw":
-        assert all(udp_sum_ok(p) for p in captured), [p.hex() for p in captured]
+        assert all(udp_sum_ok(p) for p in captured[:2]), [p.hex() for p in captured]
 
 
 @root
@@ -458,7 +465,7 @@ def test_verify_catches_an_nft_text_round_trip_and_install_repairs_it():
         # A reinstall replaces the round-tripped copies (found by their comment).
         in_ns(t.gw, rw.install_rewrite_rules, TABLE)
         assert in_ns(t.gw, rw.verify_rewrite_rules, TABLE) == []
-        assert nft(t.gw, f"list chain ip {TABLE} out").count("@alias_ids") == 2
+        assert nft(t.gw, f"list chain ip {TABLE} out").count("@alias_ids") == 4   # 2 raw (checksum 0) + 2 with the update
         t.send(data_l(ALIAS))
         assert t.drain(t.rx[t.client]) == [data_l(REAL)]
         assert t.csum_errors(t.client) == e0 + 1
@@ -470,7 +477,7 @@ def test_verify_catches_an_nft_text_round_trip_and_install_repairs_it():
         assert in_ns(t.gw, rw.verify_rewrite_rules, TABLE) == ["rewrite rule L=0 is missing"]
         assert in_ns(t.gw, rw.remove_rewrite_rules, TABLE) == 1
         assert in_ns(t.gw, rw.remove_rewrite_rules, TABLE) == 0
-        assert nft(t.gw, f"list chain ip {TABLE} out").count("map @") == 4
+        assert nft(t.gw, f"list chain ip {TABLE} out").count("map @") == 6   # our text rules stay
 
 
 @root
@@ -493,7 +500,12 @@ def test_install_errors_are_clear_and_change_nothing(monkeypatch):
             in_ns(ns, rw.install_rewrite_rules, TABLE)
         # alias_ids with the mark's data type: the kernel would accept a 2-byte write from it, but
         # the value would be the mark's first two bytes.
-        nft(ns, full_script().replace(": @th,96,16\n", ": meta mark\n"))
+        # (Without the raw-write text rules, which nft itself would refuse with that map.)
+        raw = [line + "\n" for line in rw.table_rule_lines() if "@alias_ids" in line]
+        script = full_script().replace(": @th,96,16\n", ": meta mark\n")
+        for line in raw:
+            script = script.replace(line, "")
+        nft(ns, script)
         with pytest.raises(BackendError, match=r"alias_ids .* key/data length 12/4 instead of 12/2"):
             in_ns(ns, rw.install_rewrite_rules, TABLE)
         assert "@alias_ids" not in nft(ns, f"list chain ip {TABLE} out")
@@ -511,7 +523,7 @@ def test_install_errors_are_clear_and_change_nothing(monkeypatch):
                            r"rewrite rule L=1: checksum type 0 instead of INET"):
             in_ns(ns, rw.install_rewrite_rules, TABLE)
         monkeypatch.setattr(rw, "rewrite_exprs", real)
-        assert "@alias_ids" not in nft(ns, f"list chain ip {TABLE} out")
+        assert "alias rewrite L=" not in nft(ns, f"list chain ip {TABLE} out")
         assert in_ns(ns, rw.verify_rewrite_rules, TABLE) == ["rewrite rule L=1 is missing",
                                                              "rewrite rule L=0 is missing"]
     finally:
