@@ -356,16 +356,17 @@ def check_table(engine: Engine) -> None:
     assert all(id(t) in ids for _, t in by_in), "index holds a tunnel that is not in the table"
     assert len(by_in) == sum(t.our_tid is not None for t in tunnels)
     assert all(id(t) in ids for t in engine._by_client.values())
-    assert len(engine._by_client) == len(tunnels)
+    assert len(engine._by_client) == sum(t.visible_tid != t.client_tid for t in tunnels)  # aliased ones
     assert sum(len(v) for v in engine._visible.values()) == len(tunnels)
     assert all(engine._visible.values()), "empty per-address set left behind"
     for t in tunnels:
         assert len(t.sessions) <= cfg.max_sessions_per_tunnel, t
-        assert engine._by_out[(t.peer.addr, t.peer.port, t.visible_tid)] is t
-        assert engine._by_client[(t.peer.addr, t.peer.port, t.mark, t.client_tid)] is t
+        assert engine._by_out[engine._k3(t.peer.addr, t.peer.port, t.visible_tid)] is t
+        if t.visible_tid != t.client_tid:
+            assert engine._by_client[engine._kc(t.peer.addr, t.peer.port, t.mark, t.client_tid)] is t
         assert t.visible_tid in engine._visible[t.peer.addr]
         if t.our_tid is not None:
-            assert any(x is t for x in _members(engine._by_in[(t.peer.addr, t.peer.port, t.our_tid)]))
+            assert any(x is t for x in _members(engine._by_in[engine._k3(t.peer.addr, t.peer.port, t.our_tid)]))
     # The eviction queues hold exactly the tunnels that have not completed their handshake.
     queued = {id(t) for q in getattr(engine, "_unestablished", {}).values() for t in q.values()}
     assert all(getattr(engine, "_unestablished", {}).values()), "empty eviction queue left behind"

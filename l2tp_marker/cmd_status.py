@@ -15,6 +15,8 @@ def register(sub) -> None:
     p = sub.add_parser("status", help="show the running daemon's tunnel table and counters",
                        description="Asks the running daemon over its control socket (root only).")
     p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    p.add_argument("--all", action="store_true",
+                   help="list every tunnel (by default the first 1000 by peer and ID; the count is always complete)")
     p.add_argument("--socket", type=Path, default=None,
                    help="control socket (default: control_socket from the config file)")
     p.add_argument("--config", type=Path, default=None, help="config file to take control_socket from")
@@ -24,7 +26,7 @@ def register(sub) -> None:
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
         path = args.socket or load_config(args.config).control_socket
-        st = ask(path, {"cmd": "status"})
+        st = ask(path, {"cmd": "status", **({"limit": None} if args.all else {})})
     except (ControlError, ConfigError) as exc:
         print(f"l2tp-marker status: {exc}", file=sys.stderr)
         return 1
@@ -69,7 +71,9 @@ def format_status(st: dict) -> list[str]:
                          f"{fpst.get('aliased_tunnels', 0)} aliased tunnel(s) {where}")
         else:
             lines.append(f"fast path: {fpst.get('mode')} ({fpst.get('reason')}): every packet is judged in userspace")
-    lines.append(f"{len(rows)} tunnel(s)")
+    total = st.get("tunnels_total", len(rows))
+    lines.append(f"{len(rows)} tunnel(s)" if total == len(rows)
+                 else f"{total} tunnel(s), showing the first {len(rows)} (--all for every one)")
     lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("decisions: " + (", ".join(f"{k}={v}" for k, v in st.get("counters", {}).items()) or "none"))

@@ -7,6 +7,7 @@ and the client side (:func:`ask`) turns a missing daemon into a clear :class:`Co
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import socket
@@ -23,11 +24,15 @@ class ControlError(Exception):
     """No daemon answers, or it answered something unusable."""
 
 
-def status_snapshot(engine: Engine, *, stats: dict, extra: dict | None = None) -> dict:
-    """Everything ``l2tp-marker status`` shows, as JSON-ready data (no I/O)."""
+def status_snapshot(engine: Engine, *, stats: dict, extra: dict | None = None, limit: int | None = None) -> dict:
+    """Everything ``l2tp-marker status`` shows, as JSON-ready data (no I/O). ``limit``: list at most
+    that many tunnels (the first by peer and ID); ``tunnels_total`` always counts them all."""
     now = engine.now()
     tunnels = []
-    for t in sorted(engine.tunnels(), key=lambda t: (t.peer.addr, t.peer.port, t.visible_tid)):
+    order = lambda t: (t.peer.addr, t.peer.port, t.visible_tid)  # noqa: E731
+    chosen = (sorted(engine.tunnels(), key=order) if limit is None or len(engine) <= limit
+              else heapq.nsmallest(max(0, limit), engine.tunnels(), key=order))
+    for t in chosen:
         tunnels.append({
             "peer": str(t.peer), "client_tid": t.client_tid, "alias": t.alias, "gateway_tid": t.our_tid,
             "mark": t.mark, "state": t.state, "age": round(now - t.created, 3),
@@ -43,6 +48,7 @@ def status_snapshot(engine: Engine, *, stats: dict, extra: dict | None = None) -
                  for c in engine.conflicts]
     return {
         "tunnels": tunnels,
+        "tunnels_total": len(engine),
         "counters": dict(sorted((k, v) for k, v in engine.counters.items() if v)),
         "packets": dict(sorted(stats.items())),
         "conflicts": conflicts,

@@ -35,11 +35,12 @@ tunnel without a StopCCN): such a tunnel is released even while its client keeps
 
 from __future__ import annotations
 
-import heapq
+import sys
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping
 
 from . import constants as C
 from . import hiding
@@ -106,6 +107,7 @@ class TableEvent:
     client_tid: int
     our_tid: int | None
     mark: int
+    previous_tid: int | None = None  # bind: the LNS tunnel ID the tunnel had before (a re-bind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,9 @@ class Session:
     closing_since: float | None = None
 
 
+NO_SESSIONS: Mapping[int, "Session"] = MappingProxyType({})
+
+
 @dataclass(slots=True)
 class Tunnel:
     peer: Peer
@@ -168,7 +173,9 @@ class Tunnel:
     packets_in: int = 0
     packets_out: int = 0
     conflicts: int = 0
-    sessions: dict[int, Session] = field(default_factory=dict)
+    # Most tunnels have one session, many (pending) none: a shared read-only empty mapping until
+    # the first one arrives saves a dict per tunnel (100,000 tunnels must fit in the daemon).
+    sessions: dict[int, Session] = field(default_factory=lambda: NO_SESSIONS)  # type: ignore[assignment]
     last_out: float | None = None  # last packet from the LNS (None: none yet)
 
     @property
@@ -210,18 +217,57 @@ class Conflict:
     kind: str
 
 
+def ipv4_int(addr: str) -> int | None:
+    """An IPv4 address as an integer (None for anything else, e.g. IPv6)."""
+    parts = addr.split(".")
+    if len(parts) != 4:
+        return None
+    try:
+        n = 0
+        for p in parts:
+            v = int(p)
+            if not 0 <= v <= 255 or not p.isdigit():
+                return None
+            n = (n << 8) | v
+        return n
+    except ValueError:
+        return None
+
+
+def key3(a: int, port: int, tid: int) -> int:
+    """The index key of (IPv4 address as int, port, tunnel ID): how the fast paths read a packet."""
+    return (a << 32) | (port << 16) | tid
+
+
+_MISSING = object()
+EXPIRE_SLICE_MIN = 2000  # tables up to this size are looked at whole at every expiry
+EXPIRE_SLICES = 10       # bigger ones in this many slices, one per call
+
+
 class Engine:
-    """The tunnel table and the per-packet decision. Not thread-safe; one caller at a time."""
+    """The tunnel table and the per-packet decision. Not thread-safe; one caller at a time.
+
+    The two indexes the fast paths read are public, read-only for them: ``out_index`` (peer address,
+    peer port, tunnel ID in outbound headers -> Tunnel) and ``in_index`` (peer address, peer port,
+    LNS tunnel ID -> Tunnel, or a list of Tunnels when the LNS gave one ID to several). Their keys
+    are :func:`key3` integers for IPv4 peers and ``(addr, port, tid)`` tuples otherwise: one small
+    integer per entry keeps 100,000 tunnels affordable, and a packet's key is read with one unpack.
+    """
 
     def __init__(self, config: EngineConfig | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config or EngineConfig()
         self._clock = clock
-        self._by_out: dict[tuple[str, int, int], Tunnel] = {}   # (addr, port, visible tid)
-        # (addr, port, LNS tid) -> the tunnels the LNS gave that ID, oldest first. Usually one, but
-        # xl2tpd picks its tunnel IDs at random without checking that they are free, so two live
-        # tunnels of one peer address can share an ID; their inbound packets are told apart by mark.
-        self._by_in: dict[tuple[str, int, int], list[Tunnel]] = {}
-        self._by_client: dict[tuple[str, int, int, int], Tunnel] = {}  # (addr, port, mark, client tid)
+        self._by_out: dict[int | tuple, Tunnel] = {}   # key of (addr, port, visible tid)
+        # key of (addr, port, LNS tid) -> the tunnel (or tunnels, oldest first) the LNS gave that
+        # ID. Usually one, but xl2tpd picks its tunnel IDs at random without checking that they are
+        # free, so two live tunnels of one peer can share an ID; their inbound packets are told
+        # apart by mark.
+        self._by_in: dict[int | tuple, Tunnel | list[Tunnel]] = {}
+        # key of (addr, port, mark, client tid) -> an aliased tunnel (the others are found in
+        # _by_out under their own ID: one index entry fewer per tunnel)
+        self._by_client: dict[int | tuple, Tunnel] = {}
+        self.out_index, self.in_index = self._by_out, self._by_in
+        self._addr_ints: dict[str, int | None] = {}
         self._visible: dict[str, set[int]] = {}                 # addr -> visible tids in use
         # (addr, visible tid) -> the SA of a tunnel evicted (or refused) by a full table, for
         # pending_timeout seconds: the LNS already saw its SCCRQ and keeps answering it for a while.
@@ -233,12 +279,8 @@ class Engine:
         self.counters: Counter[str] = Counter()
         self.conflicts: deque[Conflict] = deque(maxlen=self.config.conflict_history)
         self._next_expiry = 0.0
-        # Deadlines, lazily kept: (when, seq, tunnel). A tunnel always has an entry no later than
-        # its real deadline; an entry that comes due is checked against the tunnel's current
-        # deadline (traffic moves it later) and pushed again if need be. Expiry is then O(log n)
-        # per tunnel that is due instead of a pass over the whole table every second.
-        self._deadlines: list[tuple[float, int, Tunnel]] = []
-        self._seq = 0
+        # Expiry looks at the table in slices (see expire): what is left of the current pass.
+        self._scan: list[Tunnel] = []
 
     # ---------------------------------------------------------------- queries
     def tunnels(self) -> list[Tunnel]:
@@ -249,6 +291,33 @@ class Engine:
 
     def now(self) -> float:
         return self._clock()
+
+    # ---------------------------------------------------------------- keys
+    def _a(self, addr: str) -> int | None:
+        a = self._addr_ints.get(addr, _MISSING)
+        if a is _MISSING:
+            if len(self._addr_ints) >= 65536:
+                self._addr_ints.clear()
+            a = self._addr_ints[addr] = ipv4_int(addr)
+        return a  # type: ignore[return-value]
+
+    def _k3(self, addr: str, port: int, tid: int) -> int | tuple:
+        a = self._a(addr)
+        return (addr, port, tid) if a is None else (a << 32) | (port << 16) | tid
+
+    def _kc(self, addr: str, port: int, mark: int, tid: int) -> int | tuple:
+        a = self._a(addr)
+        return (addr, port, mark, tid) if a is None else (a << 64) | (port << 48) | (mark << 16) | tid
+
+    def _index_in(self, t: Tunnel) -> None:
+        k = self._k3(t.peer.addr, t.peer.port, t.our_tid)
+        x = self._by_in.get(k)
+        if x is None:
+            self._by_in[k] = t
+        elif isinstance(x, list):
+            x.append(t)
+        else:
+            self._by_in[k] = [x, t]
 
     # ---------------------------------------------------------------- the decision
     def judge(self, msg: L2tpMessage | Malformed, direction: str, peer: Peer, mark_in: int) -> Decision:
@@ -269,7 +338,7 @@ class Engine:
         return d
 
     def _outbound(self, msg: L2tpMessage, peer: Peer, mark_in: int, now: float) -> Decision:
-        t = self._by_out.get((peer.addr, peer.port, msg.tunnel_id))
+        t = self._by_out.get(self._k3(peer.addr, peer.port, msg.tunnel_id))
         if t is None:
             gone = self._evicted.get((peer.addr, msg.tunnel_id))
             if gone is not None and gone.port == peer.port and now < gone.until:
@@ -301,7 +370,6 @@ class Engine:
         elif mt == C.STOPCCN:
             if t.closing_since is None:
                 t.closing_since = now
-                self._schedule(t)
         elif mt in (C.ICRP, C.OCRP):
             s = t.sessions.get(msg.session_id)
             our = self._assigned_id(msg, tunnel=False)
@@ -312,40 +380,45 @@ class Engine:
             if s is not None:
                 if s.closing_since is None:
                     s.closing_since = now
-                    self._schedule(t)
         return ()
 
     def _bind(self, t: Tunnel, our_tid: int) -> tuple[TableEvent, ...]:
         # Another entry with this LNS ID is not necessarily stale: xl2tpd does not check that a
         # random tunnel ID is free (new_tunnel in xl2tpd.c), so both may be live. Stale entries end
         # by their own signals (StopCCN, the LNS's silence, the client starting over).
+        previous = t.our_tid
         self._unindex(t)
         t.our_tid = our_tid
-        self._by_in.setdefault((t.peer.addr, t.peer.port, our_tid), []).append(t)
-        return (TableEvent("bind", t.peer, t.visible_tid, t.client_tid, our_tid, t.mark),)
+        self._index_in(t)
+        return (TableEvent("bind", t.peer, t.visible_tid, t.client_tid, our_tid, t.mark, previous),)
 
     def _unindex(self, t: Tunnel) -> None:
         if t.our_tid is None:
             return
-        key = (t.peer.addr, t.peer.port, t.our_tid)
-        same = self._by_in.get(key, [])
-        for i, x in enumerate(same):
-            if x is t:
-                del same[i]
-                if not same:
-                    del self._by_in[key]
-                return
+        key = self._k3(t.peer.addr, t.peer.port, t.our_tid)
+        x = self._by_in.get(key)
+        if x is t:
+            del self._by_in[key]
+        elif isinstance(x, list):
+            for i, y in enumerate(x):
+                if y is t:
+                    del x[i]
+                    break
+            if len(x) == 1:
+                self._by_in[key] = x[0]
+            elif not x:
+                del self._by_in[key]
 
     def _lookup_in(self, peer: Peer, tid: int, mark: int) -> Tunnel | None:
         """The tunnel an inbound packet belongs to: of those the LNS gave ``tid``, the newest bound
         to ``mark``; if none is, the newest (the packet is then an SA conflict)."""
-        same = self._by_in.get((peer.addr, peer.port, tid))
-        if not same:
-            return None
-        for t in reversed(same):
+        x = self._by_in.get(self._k3(peer.addr, peer.port, tid))
+        if x is None or not isinstance(x, list):
+            return x
+        for t in reversed(x):
             if t.mark == mark:
                 return t
-        return same[-1]
+        return x[-1]
 
     def _inbound(self, msg: L2tpMessage, peer: Peer, mark_in: int, now: float) -> Decision:
         mark = mark_in & self.config.mark_mask
@@ -370,13 +443,14 @@ class Engine:
         elif mt == C.STOPCCN:
             if t.closing_since is None:
                 t.closing_since = now
-                self._schedule(t)
             if t.visible_tid != t.client_tid:
                 rewrites = self._alias_rewrite(msg, t)
         elif mt in (C.ICRQ, C.OCRQ):
             sid = self._assigned_id(msg, tunnel=False)
             if sid is not None and sid not in t.sessions:
                 if len(t.sessions) < self.config.max_sessions_per_tunnel:
+                    if t.sessions is NO_SESSIONS:
+                        t.sessions = {}
                     t.sessions[sid] = Session(sid, None, now, now)
                 else:
                     self.counters["session_limit"] += 1
@@ -386,7 +460,6 @@ class Engine:
             if s is not None:
                 if s.closing_since is None:
                     s.closing_since = now
-                    self._schedule(t)
         elif msg.session_id:
             for s in t.sessions.values():
                 if s.our_sid == msg.session_id:
@@ -405,8 +478,10 @@ class Engine:
         if client_tid is None:
             return Decision(R_HIDDEN if msg.hidden_tunnel_id else R_MALFORMED,
                             detail=None if msg.hidden_tunnel_id else "SCCRQ without Assigned Tunnel ID")
-        key = (peer.addr, peer.port, mark, client_tid)
-        t = self._by_client.get(key)
+        key = self._kc(peer.addr, peer.port, mark, client_tid)
+        t = self._by_out.get(self._k3(peer.addr, peer.port, client_tid))
+        if t is None or t.client_tid != client_tid or t.mark != mark:
+            t = self._by_client.get(key)  # an aliased tunnel of this client
         if t is not None and t.closing_since is None and not t.established:
             # The same client asking again before the handshake completed: a retransmission (its
             # SCCRP may have been lost), which must reach the LNS with the same alias.
@@ -435,13 +510,13 @@ class Engine:
             visible = self._pick_alias(peer.addr)
             if visible is None:
                 return Decision(R_TABLE_FULL, events=events, detail=f"no free tunnel ID alias for {peer.addr}")
-        t = Tunnel(peer, mark, client_tid, visible, now, now, packets_in=1)
+        t = Tunnel(Peer(sys.intern(peer.addr), peer.port), mark, client_tid, visible, now, now, packets_in=1)
         used.add(visible)
-        self._by_out[(peer.addr, peer.port, visible)] = t
-        self._by_client[key] = t
+        self._by_out[self._k3(peer.addr, peer.port, visible)] = t
+        if visible != client_tid:
+            self._by_client[key] = t
         self._per_mark[mark] += 1
         self._unestablished.setdefault(mark, OrderedDict())[id(t)] = t
-        self._schedule(t)
         events += (TableEvent("learn", peer, visible, client_tid, None, mark),)
         if visible == client_tid:
             return Decision(R_LEARNED, events=events)
@@ -550,52 +625,43 @@ class Engine:
                 break
             del self._evicted[key]
         events: list[TableEvent] = []
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, t = heapq.heappop(heap)
-            if self._by_out.get((t.peer.addr, t.peer.port, t.visible_tid)) is not t:
+        n = len(self._by_out)
+        budget = max(EXPIRE_SLICE_MIN, n // EXPIRE_SLICES)
+        if n <= budget:
+            batch = list(self._by_out.values())
+            self._scan = []
+        else:
+            # A big table is looked at in slices, one per call (each second): at most 1/10 of it,
+            # so expiry costs a few ms a second and a tunnel goes at most ~10 s after its time.
+            if not self._scan:
+                self._scan = list(self._by_out.values())
+            batch = self._scan[-budget:]
+            del self._scan[-budget:]
+        for t in batch:
+            if self._by_out.get(self._k3(t.peer.addr, t.peer.port, t.visible_tid)) is not t:
                 continue  # released meanwhile
-            # The same sums as _deadline: an entry that is due always releases something.
-            if t.closing_since is not None and now >= t.closing_since + cfg.hold_time:
+            if t.closing_since is not None and now - t.closing_since >= cfg.hold_time:
                 events.extend(self._release(t, "released_stopccn"))
-                continue
-            if now >= t.lns_seen + cfg.idle_timeout:  # the LNS went silent (see module doc)
+            elif now - t.lns_seen >= cfg.idle_timeout:  # the LNS went silent (see module doc)
                 events.extend(self._release(t, "released_idle"))
-                continue
-            if t.our_tid is None and now >= t.created + cfg.pending_timeout:
+            elif t.our_tid is None and now - t.created >= cfg.pending_timeout:
                 events.extend(self._release(t, "released_pending"))
-                continue
-            for sid, s in list(t.sessions.items()):
-                if s.closing_since is not None and now >= s.closing_since + cfg.hold_time:
-                    del t.sessions[sid]
-                    self.counters["session_released"] += 1
-            self._schedule(t)
+            elif t.sessions:
+                for sid, s in list(t.sessions.items()):
+                    if s.closing_since is not None and now - s.closing_since >= cfg.hold_time:
+                        del t.sessions[sid]
+                        self.counters["session_released"] += 1
         return events
-
-    def _deadline(self, t: Tunnel) -> float:
-        """When :meth:`expire` has to look at ``t`` next (as things stand now)."""
-        cfg = self.config
-        d = t.lns_seen + cfg.idle_timeout
-        if t.closing_since is not None:
-            d = min(d, t.closing_since + cfg.hold_time)
-        if t.our_tid is None:
-            d = min(d, t.created + cfg.pending_timeout)
-        for s in t.sessions.values():
-            if s.closing_since is not None:
-                d = min(d, s.closing_since + cfg.hold_time)
-        return d
-
-    def _schedule(self, t: Tunnel) -> None:
-        self._seq += 1
-        heapq.heappush(self._deadlines, (self._deadline(t), self._seq, t))
 
     def _release(self, t: Tunnel, why: str | None = None) -> tuple[TableEvent, ...]:
         addr, port = t.peer.addr, t.peer.port
-        if self._by_out.get((addr, port, t.visible_tid)) is not t:
+        kout = self._k3(addr, port, t.visible_tid)
+        if self._by_out.get(kout) is not t:
             return ()
-        del self._by_out[(addr, port, t.visible_tid)]
-        if self._by_client.get((addr, port, t.mark, t.client_tid)) is t:
-            del self._by_client[(addr, port, t.mark, t.client_tid)]
+        del self._by_out[kout]
+        kc = self._kc(addr, port, t.mark, t.client_tid)
+        if self._by_client.get(kc) is t:
+            del self._by_client[kc]
         self._unindex(t)
         used = self._visible.get(addr)
         if used is not None:
@@ -616,7 +682,7 @@ class Engine:
         for t in list(self._by_out.values()):
             events.extend(self._release(t))
         self._evicted.clear()
-        self._deadlines.clear()
+        self._scan = []
         return events
 
     # ---------------------------------------------------------------- persistence
@@ -654,21 +720,21 @@ class Engine:
             raise ValueError(f"invalid state: {exc}") from exc
         events: list[TableEvent] = []
         for t in tunnels:
-            key_out = (t.peer.addr, t.peer.port, t.visible_tid)
+            key_out = self._k3(t.peer.addr, t.peer.port, t.visible_tid)
             if key_out in self._by_out:
                 raise_dup = f"duplicate tunnel {t.visible_tid} for {t.peer}"
                 self.clear()
                 raise ValueError(f"invalid state: {raise_dup}")
             self._by_out[key_out] = t
-            self._by_client[(t.peer.addr, t.peer.port, t.mark, t.client_tid)] = t
+            if t.visible_tid != t.client_tid:
+                self._by_client[self._kc(t.peer.addr, t.peer.port, t.mark, t.client_tid)] = t
             self._visible.setdefault(t.peer.addr, set()).add(t.visible_tid)
             self._per_mark[t.mark] += 1
             if not t.established:
                 self._unestablished.setdefault(t.mark, OrderedDict())[id(t)] = t
-            self._schedule(t)
             events.append(TableEvent("learn", t.peer, t.visible_tid, t.client_tid, None, t.mark))
             if t.our_tid is not None:
-                self._by_in.setdefault((t.peer.addr, t.peer.port, t.our_tid), []).append(t)
+                self._index_in(t)
                 events.append(TableEvent("bind", t.peer, t.visible_tid, t.client_tid, t.our_tid, t.mark))
         return events
 
@@ -717,6 +783,8 @@ class Engine:
             for s in d.get("sessions", []):
                 sc = secs(s.get("closing_for"), "closing_for", True)
                 sid = u16(s["client_sid"], "client_sid")
+                if t.sessions is NO_SESSIONS:
+                    t.sessions = {}
                 t.sessions[sid] = Session(sid, u16(s.get("our_sid"), "our_sid", True),
                                           now - secs(s["age"], "age"), now - secs(s["idle"], "idle"),
                                           None if sc is None else now - sc)

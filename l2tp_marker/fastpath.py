@@ -12,7 +12,8 @@ Pure (no I/O). Two consumers follow the engine's :class:`~l2tp_marker.engine.Tab
   off; aliased tunnels when the kernel's rewrite rules could not be verified), without the full
   decode.
 
-Both apply exactly the kernel rule's match: IPv4, UDP, L2TP version 2, T bit clear (data), the
+Both apply the kernel rule's match (the userspace one leaves the rare gateway tunnel ID that the
+LNS gave two tunnels of one peer to the full path): IPv4, UDP, L2TP version 2, T bit clear (data), the
 gateway's port 1701 on the gateway side, and the key (peer address, peer port, tunnel ID in the
 header) — inbound also the packet's mark, so a packet that came over another client's SA is never
 fast-pathed and the engine still sees (and counts, logs or drops) every SA conflict. Control
@@ -28,7 +29,7 @@ import socket
 from collections import Counter
 
 from .constants import L2TP_PORT
-from .engine import IN, TableEvent
+from .engine import IN, ipv4_int, key3
 
 DEFAULT_BIT = 0x80000000
 PRIORITY = -160  # before legacy mangle (-150): the connmark restore and our queue rules
@@ -40,149 +41,86 @@ def table_name(chain_prefix: str) -> str:
 
 
 # ------------------------------------------------------------------------------ the table
+# The fast paths keep no copy of the tunnel table: they read the engine's indexes (Engine.out_index,
+# Engine.in_index), whose IPv4 keys are the integers a packet's bytes give directly (key3). IPv6
+# peers are never fast-pathed (the kernel table is `ip`; the userspace lanes read IPv4 headers).
 OutKey = tuple[str, int, int]        # peer address, peer port, tunnel ID in outbound headers
 InKey = tuple[str, int, int, int]    # peer address, peer port, gateway tunnel ID, SA mark
 
 
-def _v4(addr: str) -> bytes | None:
-    try:
-        return socket.inet_aton(addr) if addr.count(".") == 3 else None
-    except OSError:
-        return None
+def in_key(k3: int, mark: int) -> int:
+    """An inbound fast-path key: the engine's in_index key and the packet's mark."""
+    return (k3 << 32) | mark
 
 
-class FastTable:
-    """The fast paths' desired content, following the engine's table events.
+def members(x) -> list:
+    """An in_index entry as a list (one tunnel, or the tunnels sharing a gateway tunnel ID)."""
+    return [] if x is None else x if isinstance(x, list) else [x]
 
-    ``out``: outbound key -> (SA mark, client's tunnel ID). ``inb``: inbound keys (a Counter,
-    because xl2tpd may hand one gateway tunnel ID to two tunnels of one peer). ``dirty_out`` /
-    ``dirty_in`` collect the keys changed since the kernel adapter last synchronised. The ``out_int``/``in_int``
-    dicts hold the same entries (IPv4 peers only) keyed by one integer, the way the userspace fast
-    path reads them from a packet: see :func:`out_key_int` and :func:`in_key_int`.
+
+class FastChanges:
+    """Which fast-path keys changed since the kernel adapter last synchronised (pure).
+
+    Follows the engine's table events; the adapter then reads what each key should hold now from
+    the engine itself, so nothing here grows with the table, only with the changes of one batch.
     """
 
     def __init__(self) -> None:
-        self.out: dict[OutKey, tuple[int, int]] = {}
-        self.inb: Counter[InKey] = Counter()
-        self._bound: dict[OutKey, InKey] = {}
-        self.dirty_out: set[OutKey] = set()
-        self.dirty_in: set[InKey] = set()
-        self.out_int: dict[int, tuple[int, bytes | None]] = {}
-        self.in_int: set[int] = set()
+        self.out: set[int] = set()
+        self.inb: set[int] = set()
 
-    def __len__(self) -> int:
-        return len(self.out)
-
-    def apply(self, events: tuple[TableEvent, ...] | list[TableEvent]) -> None:
+    def apply(self, events) -> None:
         for e in events:
-            key = (e.peer.addr, e.peer.port, e.visible_tid)
-            if e.kind == "learn":
-                self._set_out(key, (e.mark, e.client_tid))
-            elif e.kind == "bind":
-                self._set_out(key, (e.mark, e.client_tid))
-                self._unbind(key)
-                if e.our_tid is not None:
-                    ik = (e.peer.addr, e.peer.port, e.our_tid, e.mark)
-                    self._bound[key] = ik
-                    self.inb[ik] += 1
-                    if self.inb[ik] == 1:
-                        self._in_changed(ik, True)
-            elif e.kind == "release":
-                self._unbind(key)
-                if self.out.pop(key, None) is not None:
-                    self.dirty_out.add(key)
-                    k = _out_int(key)
-                    if k is not None:
-                        self.out_int.pop(k, None)
+            a = ipv4_int(e.peer.addr)
+            if a is None:
+                continue
+            if e.kind != "bind":  # learn, release: the outbound entry comes or goes
+                self.out.add(key3(a, e.peer.port, e.visible_tid))
+            for tid in (e.our_tid, e.previous_tid):
+                if tid is not None:
+                    self.inb.add(in_key(key3(a, e.peer.port, tid), e.mark))
 
-    def clear(self) -> None:
-        """Forget everything (the kernel adapter then removes what it had installed)."""
-        self.dirty_out.update(self.out)
-        self.dirty_in.update(self.inb)
-        self.out.clear()
-        self.inb.clear()
-        self._bound.clear()
-        self.out_int.clear()
-        self.in_int.clear()
-
-    def _set_out(self, key: OutKey, value: tuple[int, int]) -> None:
-        if self.out.get(key) != value:
-            self.out[key] = value
-            self.dirty_out.add(key)
-            k = _out_int(key)
-            if k is not None:
-                mark, client_tid = value
-                self.out_int[k] = (mark, None if client_tid == key[2] else client_tid.to_bytes(2, "big"))
-
-    def _unbind(self, key: OutKey) -> None:
-        ik = self._bound.pop(key, None)
-        if ik is None:
-            return
-        self.inb[ik] -= 1
-        if self.inb[ik] <= 0:
-            del self.inb[ik]
-            self._in_changed(ik, False)
-
-    def _in_changed(self, ik: InKey, present: bool) -> None:
-        self.dirty_in.add(ik)
-        k = _in_int(ik)
-        if k is None:
-            return
-        if present:
-            self.in_int.add(k)
-        else:
-            self.in_int.discard(k)
-
-    def take_dirty(self) -> tuple[set[OutKey], set[InKey]]:
-        out, inb = self.dirty_out, self.dirty_in
-        self.dirty_out, self.dirty_in = set(), set()
+    def take(self) -> tuple[set[int], set[int]]:
+        out, inb = self.out, self.inb
+        self.out, self.inb = set(), set()
         return out, inb
 
-
-def out_key_int(addr: int, port: int, tid: int) -> int:
-    """An outbound key as one integer: peer address (IPv4, 32 bits), peer port, tunnel ID."""
-    return (addr << 32) | (port << 16) | tid
+    def __bool__(self) -> bool:
+        return bool(self.out or self.inb)
 
 
-def in_key_int(addr: int, port: int, tid: int, mark: int) -> int:
-    """An inbound key as one integer: peer address, peer port, gateway tunnel ID, packet mark."""
-    return (addr << 64) | (port << 48) | (tid << 32) | mark
+def _kernel_ok_mark(mark: int, bit: int) -> bool:
+    return bool(mark) and not mark & bit
 
 
-def _out_int(key: OutKey) -> int | None:
-    a = _v4(key[0])
-    return None if a is None else out_key_int(int.from_bytes(a, "big"), key[1], key[2])
-
-
-def _in_int(key: InKey) -> int | None:
-    a = _v4(key[0])
-    return None if a is None else in_key_int(int.from_bytes(a, "big"), key[1], key[2], key[3])
-
-
-def kernel_out_value(key: OutKey, value: tuple[int, int] | None, bit: int) -> int | None:
-    """The ``out_marks`` value the kernel should hold for ``key`` (None: no element). Aliased
-    tunnels go to the alias maps instead (:func:`kernel_alias_value`); IPv6 peers (the table is
-    ``ip``) and marks that are zero or use the reserved bit stay on the userspace path."""
-    if value is None:
+def kernel_out_value(t, bit: int) -> int | None:
+    """The ``out_marks`` value for tunnel ``t`` (None: not there). Aliased tunnels go to the alias
+    maps instead (:func:`kernel_alias_value`); zero marks and marks using the bit stay in userspace."""
+    if t is None or t.visible_tid != t.client_tid or not _kernel_ok_mark(t.mark, bit):
         return None
-    mark, client_tid = value
-    if client_tid != key[2] or _v4(key[0]) is None or not mark or mark & bit:
-        return None
-    return mark | bit
+    return t.mark | bit
 
 
-def kernel_alias_value(key: OutKey, value: tuple[int, int] | None, bit: int) -> tuple[int, int] | None:
+def kernel_alias_value(t, bit: int) -> tuple[int, int] | None:
     """For an aliased tunnel: (alias_marks value, the client's real tunnel ID), else None."""
-    if value is None:
+    if t is None or t.visible_tid == t.client_tid or not _kernel_ok_mark(t.mark, bit):
         return None
-    mark, client_tid = value
-    if client_tid == key[2] or _v4(key[0]) is None or not mark or mark & bit:
-        return None
-    return mark | bit, client_tid
+    return t.mark | bit, t.client_tid
 
 
-def kernel_in_ok(key: InKey, bit: int) -> bool:
-    return _v4(key[0]) is not None and bool(key[3]) and not key[3] & bit
+def kernel_in_ok(engine, ik: int, bit: int) -> bool:
+    """Should inbound key ``ik`` be in the kernel's set: a tunnel the LNS gave that ID is bound to
+    that mark (exactly the engine's "inbound_known")."""
+    mark = ik & 0xFFFFFFFF
+    return _kernel_ok_mark(mark, bit) and any(t.mark == mark for t in members(engine.in_index.get(ik >> 32)))
+
+
+def out_key_text(k: int) -> OutKey:
+    return (socket.inet_ntoa((k >> 32).to_bytes(4, "big")), (k >> 16) & 0xFFFF, k & 0xFFFF)
+
+
+def in_key_text(ik: int) -> InKey:
+    return (*out_key_text(ik >> 32), ik & 0xFFFFFFFF)
 
 
 # ------------------------------------------------------------------------------ nft text
@@ -243,13 +181,14 @@ def element_script(table: str, out_del: list[OutKey], out_add: list[tuple[OutKey
 MISS = None
 
 
-def hot_verdict(pkt: bytes, direction: str, mark_in: int, table: FastTable, mark_mask: int = 0xFFFFFFFF):
+def hot_verdict(pkt: bytes, direction: str, mark_in: int, engine, mark_mask: int = 0xFFFFFFFF):
     """The userspace fast path for one queued packet: ``None`` when it does not apply (take the slow
     path), else ``(mark or None, new packet bytes or None)``.
 
-    Applies exactly the kernel rules' match (module docstring). For outbound packets the mark is
-    the engine's: the bits outside ``mark_mask`` kept, the tunnel's SA mark in the rest; aliased
-    tunnels get the client's tunnel ID back in the header with the UDP checksum updated.
+    Applies exactly the kernel rules' match (module docstring) to the engine's indexes. For
+    outbound packets the mark is the engine's: the bits outside ``mark_mask`` kept, the tunnel's SA
+    mark in the rest; aliased tunnels get the client's tunnel ID back in the header with the UDP
+    checksum updated. (The daemon's lanes are the same, specialised for speed.)
     """
     n = len(pkt)
     if n < 34 or pkt[0] >> 4 != 4 or pkt[9] != 17 or pkt[6] & 0x3F or pkt[7]:
@@ -263,18 +202,17 @@ def hot_verdict(pkt: bytes, direction: str, mark_in: int, table: FastTable, mark
     if direction == IN:
         if pkt[u + 2] != 0x06 or pkt[u + 3] != 0xA5:
             return MISS
-        key = in_key_int(int.from_bytes(pkt[12:16], "big"), (pkt[u] << 8) | pkt[u + 1], tid, mark_in)
-        return (None, None) if key in table.in_int else MISS
+        x = engine.in_index.get(key3(int.from_bytes(pkt[12:16], "big"), (pkt[u] << 8) | pkt[u + 1], tid))
+        return (None, None) if x is not None and not isinstance(x, list) and x.mark == mark_in else MISS
     if pkt[u] != 0x06 or pkt[u + 1] != 0xA5:
         return MISS
-    e = table.out_int.get(out_key_int(int.from_bytes(pkt[16:20], "big"), (pkt[u + 2] << 8) | pkt[u + 3], tid))
-    if e is None:
+    tun = engine.out_index.get(key3(int.from_bytes(pkt[16:20], "big"), (pkt[u + 2] << 8) | pkt[u + 3], tid))
+    if tun is None:
         return MISS
-    mark = (mark_in & ~mark_mask & 0xFFFFFFFF) | e[0]
-    new = e[1]
-    if new is None:
+    mark = (mark_in & ~mark_mask & 0xFFFFFFFF) | tun.mark
+    if tun.client_tid == tid:
         return (mark, None)
-    return (mark, rewrite16(pkt, u, t, new))
+    return (mark, rewrite16(pkt, u, t, tun.client_tid.to_bytes(2, "big")))
 
 
 def rewrite16(pkt: bytes, u: int, off: int, new: bytes) -> bytes:

@@ -84,9 +84,11 @@ class KernelFastPath:
         self.table = table
         self.bit = bit
         self._nft = nft
-        self.out: dict[fp.OutKey, int] = {}   # what the kernel map holds (as far as we know)
-        self.inb: set[fp.InKey] = set()
-        self.alias: dict[fp.OutKey, tuple[int, int]] = {}  # aliased tunnels: (mark value, real ID)
+        # Which keys the kernel holds (as far as we know), by the engine's integer keys. Only the
+        # keys: a changed key is deleted and added again, so no copy of the values is kept.
+        self.out: set[int] = set()     # out_marks
+        self.inb: set[int] = set()     # in_known (fastpath.in_key)
+        self.alias: set[int] = set()   # alias_marks and alias_ids
         # Aliased tunnels are on the kernel path only while the rewrite rules are in place and
         # verified (checksum update included); otherwise their data stays on the userspace path.
         self.want_aliases = aliases
@@ -121,21 +123,30 @@ class KernelFastPath:
     def _script(self) -> str:
         return fp.table_script(self.table, self.bit, rw.table_map_lines(), rw.table_rule_lines())
 
-    def install(self, table: fp.FastTable) -> None:
-        """(Re)create the table and put every entry of ``table`` in it, in one transaction; then
-        the aliased tunnels' rewrite rules (netlink) and, once they verify, their entries."""
-        out_add = [(k, v) for k in table.out if (v := fp.kernel_out_value(k, table.out[k], self.bit)) is not None]
-        in_add = [k for k in table.inb if fp.kernel_in_ok(k, self.bit)]
-        script = self._script() + fp.element_script(self.table, [], out_add, [], in_add)
+    def install(self, engine) -> None:
+        """(Re)create the table with an entry for every tunnel of ``engine``, in one transaction;
+        then the aliased tunnels' rewrite rules (netlink) and, once they verify, their entries."""
+        out_add, in_add, aliased = [], [], []
+        for k, t in engine.out_index.items():
+            if isinstance(k, int):
+                if (v := fp.kernel_out_value(t, self.bit)) is not None:
+                    out_add.append((k, v))
+                elif fp.kernel_alias_value(t, self.bit) is not None:
+                    aliased.append(k)
+        for k3, x in engine.in_index.items():
+            if isinstance(k3, int):
+                for ik in {fp.in_key(k3, t.mark) for t in fp.members(x)}:
+                    if fp.kernel_in_ok(engine, ik, self.bit):
+                        in_add.append(ik)
+        script = self._script() + self._elements([], out_add, [], in_add)
         t0 = time.perf_counter()
         rc, _, err = self.nft.run(script)
         if rc != 0:
             raise BackendError(f"cannot install nftables table ip {self.table}: {' '.join(err.split())[:400]}")
         self.stats["last_commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        self.out = dict(out_add)
+        self.out = {k for k, _ in out_add}
         self.inb = set(in_add)
-        self.alias = {}
-        table.take_dirty()
+        self.alias = set()
         self.installed = True
         self.stats["elements_added"] += len(out_add) + len(in_add)
         self.aliases_in_kernel = False
@@ -149,33 +160,40 @@ class KernelFastPath:
             log.warning("aliased tunnels stay on the per-packet path: %s", self.alias_reason)
             return
         self.aliases_in_kernel, self.alias_reason = True, "rewrite rules verified"
-        adds = [(k, *v) for k in table.out if (v := fp.kernel_alias_value(k, table.out[k], self.bit)) is not None]
+        adds = [(k, *fp.kernel_alias_value(engine.out_index[k], self.bit)) for k in aliased]
         if adds:
             self._run_alias([], adds)
 
+    def _elements(self, out_del, out_add, in_del, in_add) -> str:
+        return fp.element_script(self.table, [fp.out_key_text(k) for k in out_del],
+                                 [(fp.out_key_text(k), v) for k, v in out_add],
+                                 [fp.in_key_text(k) for k in in_del], [fp.in_key_text(k) for k in in_add])
+
+    def _alias_elements(self, deletes, adds) -> str:
+        return rw.alias_element_script(self.table, [fp.out_key_text(k) for k in deletes],
+                                       [(fp.out_key_text(k), m, t) for k, m, t in adds])
+
     def _run_alias(self, deletes: list, adds: list) -> None:
-        rc, _, err = self.nft.run(rw.alias_element_script(self.table, deletes, adds))
+        rc, _, err = self.nft.run(self._alias_elements(deletes, adds))
         if rc == 0:
-            for k in deletes:
-                self.alias.pop(k, None)
-            for k, m, t in adds:
-                self.alias[k] = (m, t)
+            self.alias.difference_update(deletes)
+            self.alias.update(k for k, _, _ in adds)
             self.stats["elements_added"] += len(adds)
             self.stats["elements_deleted"] += len(deletes)
             return
         for k in deletes:
-            if self.nft.run(rw.alias_element_script(self.table, [k], []))[0] == 0:
+            if self.nft.run(self._alias_elements([k], []))[0] == 0:
                 self.stats["elements_deleted"] += 1
-            self.alias.pop(k, None)
+            self.alias.discard(k)
         for k, m, t in adds:
-            rc, _, err = self.nft.run(rw.alias_element_script(self.table, [], [(k, m, t)]))
+            rc, _, err = self.nft.run(self._alias_elements([], [(k, m, t)]))
             if rc == 0:
-                self.alias[k] = (m, t)
+                self.alias.add(k)
                 self.stats["elements_added"] += 1
             else:
                 self.stats["errors"] += 1
                 log.error("fast path: cannot add aliased tunnel %s: %s (its data stays on the userspace path)",
-                          fp._elem_out(k), " ".join(err.split())[:200])
+                          fp._elem_out(fp.out_key_text(k)), " ".join(err.split())[:200])
 
     def remove(self) -> None:
         """Delete the table (safe when it is not there)."""
@@ -195,30 +213,27 @@ class KernelFastPath:
             self._nft = None
 
     # ------------------------------------------------------------------ elements
-    def sync(self, table: fp.FastTable) -> int:
-        """Bring the kernel in line with ``table``'s changed keys; returns the elements changed."""
-        dirty_out, dirty_in = table.take_dirty()
+    def sync(self, engine, changes: fp.FastChanges) -> int:
+        """Bring the kernel in line with ``engine`` for the keys in ``changes``; returns the
+        elements changed (one transaction, or element by element if that one failed)."""
+        dirty_out, dirty_in = changes.take()
         if not self.installed or (not dirty_out and not dirty_in):
             return 0
         out_del, out_add, in_del, in_add, al_del, al_add = [], [], [], [], [], []
-        for k in dirty_out:
-            value = table.out.get(k)
-            want = fp.kernel_out_value(k, value, self.bit)
-            have = self.out.get(k)
-            if want != have:
-                if have is not None:
-                    out_del.append(k)
-                if want is not None:
-                    out_add.append((k, want))
-            awant = fp.kernel_alias_value(k, value, self.bit) if self.aliases_in_kernel else None
-            ahave = self.alias.get(k)
-            if awant != ahave:
-                if ahave is not None:
-                    al_del.append(k)
-                if awant is not None:
-                    al_add.append((k, *awant))
+        for k in dirty_out:  # a key that changed: delete what is there, add what should be
+            t = engine.out_index.get(k)
+            want = fp.kernel_out_value(t, self.bit)
+            if k in self.out:
+                out_del.append(k)
+            if want is not None:
+                out_add.append((k, want))
+            awant = fp.kernel_alias_value(t, self.bit) if self.aliases_in_kernel else None
+            if k in self.alias:
+                al_del.append(k)
+            if awant is not None:
+                al_add.append((k, *awant))
         for k in dirty_in:
-            want = k in table.inb and fp.kernel_in_ok(k, self.bit)
+            want = fp.kernel_in_ok(engine, k, self.bit)
             have = k in self.inb
             if want and not have:
                 in_add.append(k)
@@ -227,9 +242,9 @@ class KernelFastPath:
         if not (out_del or out_add or in_del or in_add or al_del or al_add):
             return 0
         t0 = time.perf_counter()
-        script = fp.element_script(self.table, out_del, out_add, in_del, in_add)
+        script = self._elements(out_del, out_add, in_del, in_add)
         if al_del or al_add:
-            script += rw.alias_element_script(self.table, al_del, al_add)
+            script += self._alias_elements(al_del, al_add)
         rc, _, err = self.nft.run(script)
         self.stats["last_commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         self.stats["commits"] += 1
@@ -244,18 +259,14 @@ class KernelFastPath:
         return len(out_del) + len(out_add) + len(in_del) + len(in_add) + len(al_del) + len(al_add)
 
     def _applied_alias(self, al_del, al_add) -> None:
-        for k in al_del:
-            self.alias.pop(k, None)
-        for k, m, t in al_add:
-            self.alias[k] = (m, t)
+        self.alias.difference_update(al_del)
+        self.alias.update(k for k, _, _ in al_add)
         self.stats["elements_added"] += len(al_add)
         self.stats["elements_deleted"] += len(al_del)
 
     def _applied(self, out_del, out_add, in_del, in_add) -> None:
-        for k in out_del:
-            self.out.pop(k, None)
-        for k, v in out_add:
-            self.out[k] = v
+        self.out.difference_update(out_del)
+        self.out.update(k for k, _ in out_add)
         self.inb.difference_update(in_del)
         self.inb.update(in_add)
         self.stats["elements_added"] += len(out_add) + len(in_add)
@@ -264,30 +275,30 @@ class KernelFastPath:
     def _one_by_one(self, out_del, out_add, in_del, in_add) -> None:
         # A delete of an element that is gone (someone flushed the map) is not an error for us.
         for k in out_del:
-            if self.nft.run(fp.element_script(self.table, [k], [], [], []))[0] == 0:
+            if self.nft.run(self._elements([k], [], [], []))[0] == 0:
                 self.stats["elements_deleted"] += 1
-            self.out.pop(k, None)
+            self.out.discard(k)
         for k in in_del:
-            if self.nft.run(fp.element_script(self.table, [], [], [k], []))[0] == 0:
+            if self.nft.run(self._elements([], [], [k], []))[0] == 0:
                 self.stats["elements_deleted"] += 1
             self.inb.discard(k)
         for k, v in out_add:
-            rc, _, err = self.nft.run(fp.element_script(self.table, [], [(k, v)], [], []))
+            rc, _, err = self.nft.run(self._elements([], [(k, v)], [], []))
             if rc == 0:
-                self.out[k] = v
+                self.out.add(k)
                 self.stats["elements_added"] += 1
             else:
                 self.stats["errors"] += 1
                 log.error("fast path: cannot add %s: %s (its data stays on the userspace path)",
-                          fp._elem_out(k, v), " ".join(err.split())[:200])
+                          fp._elem_out(fp.out_key_text(k), v), " ".join(err.split())[:200])
         for k in in_add:
-            rc, _, err = self.nft.run(fp.element_script(self.table, [], [], [], [k]))
+            rc, _, err = self.nft.run(self._elements([], [], [], [k]))
             if rc == 0:
                 self.inb.add(k)
                 self.stats["elements_added"] += 1
             else:
                 self.stats["errors"] += 1
-                log.error("fast path: cannot add %s: %s", fp._elem_in(k), " ".join(err.split())[:200])
+                log.error("fast path: cannot add %s: %s", fp._elem_in(fp.in_key_text(k)), " ".join(err.split())[:200])
 
     # ------------------------------------------------------------------ checks and counters
     # Read over netlink with pyroute2: libnftables would load every map element into its cache

@@ -163,7 +163,7 @@ def test_alias_remark_restart_and_sigkill_fallback(lab):
     ns, agent, marker = lab
     marker.start()
     rules = marker_rules(ns)
-    assert len(rules) == 6 and all("--queue-bypass" in r for r in rules if "NFQUEUE" in r)
+    assert len(rules) == 8 and all("--queue-bypass" in r for r in rules if "NFQUEUE" in r)
 
     # Client A (mark 1) and client B (mark 2) both offer tunnel ID 1.
     agent(op="send", name="client", to=list(LNS), hex=sccrq(1), mark=1)
@@ -197,19 +197,24 @@ def test_alias_remark_restart_and_sigkill_fallback(lab):
     assert recv_tid(agent, "client") == 1
     assert counts(ns) == {1: 1, 2: 2}
 
-    # SIGKILL: rules stay, bypass lets traffic through unjudged (plain connmark behaviour).
+    # SIGKILL: rules stay. The leftover kernel fast path still marks the tunnels it knew (its
+    # bit cleared by the leftover legacy rules); anything else passes unjudged (--queue-bypass:
+    # plain connmark behaviour).
     marker.stop(signal.SIGKILL)
-    assert len(marker_rules(ns)) == 6
+    assert len(marker_rules(ns)) == 8
     agent(op="send", name="lns", to=list(CLIENT), hex=data(1))
     assert recv_tid(agent, "client") == 1
-    assert counts(ns) == {1: 1, 2: 2}  # nobody marked it
+    assert counts(ns) == {1: 2, 2: 2}  # marked by the leftover map
+    agent(op="send", name="lns", to=list(CLIENT), hex=data(7))
+    assert recv_tid(agent, "client") == 7
+    assert counts(ns) == {1: 2, 2: 2}  # an unknown tunnel: nobody marked it
 
     # The next start cleans the leftovers without duplicating them and judges again.
     marker.start()
-    assert len(marker_rules(ns)) == 6
+    assert len(marker_rules(ns)) == 8
     agent(op="send", name="lns", to=list(CLIENT), hex=data(1))
     assert recv_tid(agent, "client") == 1
-    assert counts(ns) == {1: 2, 2: 2}
+    assert counts(ns) == {1: 3, 2: 2}
     assert marker.stop() == 0
     assert marker_rules(ns) == []
     assert not (marker.tmp / "ctl.sock").exists()
@@ -242,7 +247,7 @@ def test_flushed_rules_are_repaired_and_metrics_exported(lab):
     while status(marker)["rule_repairs"] < 1:
         assert time.monotonic() < deadline, "rules were not repaired"
         time.sleep(0.1)
-    assert len(marker_rules(ns)) == 6 and status(marker)["rule_problems"] == []
+    assert len(marker_rules(ns)) == 8 and status(marker)["rule_problems"] == []
     # Judging works again after the repair: B's colliding SCCRQ is aliased.
     agent(op="send", name="client", to=list(LNS), hex=sccrq(1), mark=2)
     assert recv_sccrq_tid(agent) == 0xFFFF

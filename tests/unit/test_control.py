@@ -54,3 +54,18 @@ def test_status_round_trip_and_socket_mode(tmp_path):
 def test_no_daemon_is_a_clear_error(tmp_path):
     with pytest.raises(ControlError, match="no l2tp-marker daemon is running"):
         ask(tmp_path / "missing.sock", {"cmd": "status"})
+
+
+def test_status_lists_at_most_limit_tunnels_but_counts_them_all():
+    from l2tp_marker.cmd_status import format_status
+    from l2tp_marker.engine import EngineConfig
+
+    e = Engine(EngineConfig(max_tunnels_per_mark=100), clock=FakeClock())
+    for tid in (5, 3, 9, 1, 7):
+        judge_packet(e, sccrq(tid), "in", 1)
+    full = status_snapshot(e, stats={})
+    assert [t["client_tid"] for t in full["tunnels"]] == [1, 3, 5, 7, 9] and full["tunnels_total"] == 5
+    some = status_snapshot(e, stats={}, limit=2)
+    assert [t["client_tid"] for t in some["tunnels"]] == [1, 3] and some["tunnels_total"] == 5
+    assert "5 tunnel(s), showing the first 2 (--all for every one)" in format_status(some)
+    assert "5 tunnel(s)" in format_status(full) and "showing" not in "\n".join(format_status(full))

@@ -139,7 +139,7 @@ table ip l2tp_marker {
 }
 """
 FASTPATH = {"mode": "kernel", "reason": "nftables route chain with a tunnel map", "setting": "auto",
-            "bit": BIT, "table": "l2tp_marker", "out_entries": 1, "in_entries": 2, "userspace_tunnels": 2,
+            "bit": BIT, "table": "l2tp_marker", "out_entries": 1, "in_entries": 2, "tunnels": 2,
             "aliased_tunnels": 1, "packets_out": 5, "packets_in": 2}
 FP_STATUS = {**STATUS, "daemon": {**STATUS["daemon"], "inbound_match": "none", "mark_mask": 0xFFFFFFFF,
                                   "enforce": "log"},

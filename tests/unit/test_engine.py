@@ -279,7 +279,7 @@ def test_sccrq_announces_the_tunnel_with_its_visible_id_and_sccrp_binds_it():
     assert v.decision.events == (TableEvent("bind", peer, 0xFFFF, 1, 800, 6),)
     assert j(e, sccrp(0xFFFF, 800), "out", 5).decision.events == ()  # same LNS ID again: no change
     v = j(e, sccrp(0xFFFF, 801), "out", 5)  # the LNS answered with another ID: bound anew
-    assert v.decision.events == (TableEvent("bind", peer, 0xFFFF, 1, 801, 6),)
+    assert v.decision.events == (TableEvent("bind", peer, 0xFFFF, 1, 801, 6, previous_tid=800),)
     # Data and inbound packets never change the table.
     assert j(e, data("out", 0xFFFF, 1), "out", 0).decision.events == ()
     assert j(e, data("in", 801, 1), "in", 6).decision.events == ()

@@ -5,10 +5,17 @@ from __future__ import annotations
 import io
 import json
 
+from l2tp_marker import constants as C
 from l2tp_marker.daemon import PacketHandler
 from l2tp_marker.engine import Engine, EngineConfig
+from l2tp_marker.judge import judge_packet
 
-from .helpers import FakeClock, data, sccrp, sccrq
+from .helpers import NAT, FakeClock, control, data, sccrp, sccrq, stopccn
+
+
+def k3(addr: str, port: int, tid: int) -> int:
+    a = int.from_bytes(bytes(int(x) for x in addr.split(".")), "big")
+    return (a << 32) | (port << 16) | tid
 
 
 class FakePacket:
@@ -95,16 +102,14 @@ def test_garbage_is_accepted_unchanged():
 
 # ------------------------------------------------------------------ the userspace fast path (daemon lanes)
 def fast_handler(**cfg):
-    from l2tp_marker.fastpath import FastTable
-
-    fast = FastTable()
-    h = PacketHandler(Engine(EngineConfig(**cfg), clock=FakeClock()), fast=fast, on_events=fast.apply)
+    # The lanes read the engine's own indexes: nothing to feed them.
+    h = PacketHandler(Engine(EngineConfig(**cfg), clock=FakeClock()))
     # Two PCs behind the NAT, both tunnel ID 1: the second is aliased to 0xFFFF (judged in full).
     h.handle_in(fake(sccrq(1), 1))
     h.handle_out(fake(sccrp(1, 700), 0))
     h.handle_in(fake(sccrq(1), 2))
     h.handle_out(fake(sccrp(0xFFFF, 800), 0))
-    assert len(fast) == 2 and h.hot_in == h.hot_out == 0
+    assert len(h.engine) == 2 and h.hot_in == h.hot_out == 0
     return h
 
 
@@ -138,8 +143,6 @@ def test_aliased_tunnel_data_gets_the_clients_tunnel_id_back_on_the_fast_path():
     assert IP(p.payload)[L2TPv2].tunnel_id == 1
     assert codec.udp_checksum_ok(p.payload, codec.parse_ip_udp(p.payload))
     # The engine would have done the same.
-    from l2tp_marker.judge import judge_packet
-
     v = judge_packet(h.engine, original, "out", 1)
     assert (v.mark_out, v.payload) == (p.mark, p.payload)
 
@@ -188,30 +191,104 @@ def test_with_a_decision_log_every_packet_is_judged_and_logged():
     assert h.hot_in == h.hot_out == 0
 
 
-def test_without_a_fast_table_the_lanes_are_the_engine():
-    h = PacketHandler(Engine(EngineConfig(), clock=FakeClock()))
+def test_without_the_fast_path_the_lanes_are_the_engine():
+    h = PacketHandler(Engine(EngineConfig(), clock=FakeClock()), fast=False)
     h.handle_in(fake(sccrq(1), 1))
     h.handle_out(fake(sccrp(1, 700), 0))
     p = fake(data("out", 1, 5), 0)
     h.handle_out(p)
     assert p.mark == 1 and h.by_dir_reason[("out", "owner_mark_set")] == 2 and h.hot_out == 0
+    p = fake(data("in", 700, 1), 1)
+    h.handle_in(p)
+    assert p.verdicts == ["accept"] and h.by_dir_reason[("in", "inbound_known")] == 1 and h.hot_in == 0
 
 
-def test_daemon_feeds_its_fast_table_from_the_engine_events(tmp_path):
+def test_the_lanes_follow_the_engine_table_as_it_changes():
+    """No copy to keep in step: a tunnel learned, released or restored from a state file after the
+    lanes were built is seen by the next packet."""
+    clock = FakeClock()
+    e = Engine(EngineConfig(), clock=clock)
+    h = PacketHandler(e)
+    p = fake(data("out", 1, 5), 0)
+    h.handle_out(p)
+    assert p.mark == 0 and h.hot_out == 0 and e.counters["unknown_tunnel"] == 1
+    judge_packet(e, sccrq(1), "in", 1)                       # learned behind the handler's back
+    judge_packet(e, sccrp(1, 700), "out", 0)
+    p = fake(data("out", 1, 5), 0)
+    h.handle_out(p)
+    assert p.mark == 1 and h.hot_out == 1
+    p = fake(data("in", 700, 1), 1)
+    h.handle_in(p)
+    assert p.verdicts == ["accept"] and h.hot_in == 1
+    state = e.export_state()
+    judge_packet(e, stopccn("out", 1, 700), "out", 0)      # the LNS stops it; released after the hold
+    clock.advance(C.STOPCCN_HOLD_SECONDS)
+    assert [x.kind for x in e.expire()] == ["release"]
+    for pk, d in ((data("out", 1, 5), "out"), (data("in", 700, 1), "in")):
+        p = fake(pk, 1 if d == "in" else 0)
+        (h.handle_in if d == "in" else h.handle_out)(p)
+        assert p.verdicts == ["accept"] and p.mark == (1 if d == "in" else 0)
+    assert (h.hot_out, h.hot_in) == (1, 1) and e.counters["unknown_tunnel"] == 3
+    e.import_state(state)                                    # a restart: the same tunnel again
+    p = fake(data("out", 1, 5), 0)
+    h.handle_out(p)
+    assert p.mark == 1 and h.hot_out == 2
+    assert h.engine.out_index is e.out_index and k3(NAT, 1701, 1) in e.out_index
+
+
+def test_daemon_collects_the_changed_keys_from_the_engine_events(tmp_path):
+    from l2tp_marker.config import DaemonConfig
+    from l2tp_marker.daemon import Daemon
+    from l2tp_marker.fastpath import FastChanges
+
+    class Backend:
+        name = "stub"
+
+    d = Daemon(DaemonConfig(state_file=tmp_path / "s.json", fastpath="off"), backend=Backend())
+    assert isinstance(d.fast, FastChanges) and not d.fast
+    d.handler.handle_in(fake(sccrq(1), 1))
+    d.handler.handle_out(fake(sccrp(1, 700), 0))
+    assert d.fast.out == {k3(NAT, 1701, 1)} and d.fast.inb == {(k3(NAT, 1701, 700) << 32) | 1}
+    p = fake(data("out", 1, 5), 0)
+    d.handler.handle_out(p)
+    assert p.mark == 1 and d.handler.hot_out == 1
+    d.sync_fastpath()  # no kernel fast path: the changes are dropped, not piled up
+    assert not d.fast and d.fast.take() == (set(), set())
+    st = d.fastpath_status()
+    assert (st["mode"], st["tunnels"], st["aliased_tunnels"], st["userspace_packets_out"], st["out_entries"]) == (
+        "off", 1, 0, 1, 0)
+    assert "userspace_tunnels" not in st
+    d.handler.handle_in(fake(sccrq(1), 2))                  # aliased
+    assert d.fastpath_status()["aliased_tunnels"] == 1
+
+
+def test_daemon_hands_the_engine_and_the_changes_to_the_kernel_fast_path(tmp_path):
     from l2tp_marker.config import DaemonConfig
     from l2tp_marker.daemon import Daemon
 
     class Backend:
         name = "stub"
 
+    class Kernel:
+        """Records what sync is given, and takes the changes as KernelFastPath does."""
+
+        def __init__(self):
+            self.seen = []
+
+        def sync(self, engine, changes):
+            self.seen.append((engine, changes.take()))
+            return 0
+
     d = Daemon(DaemonConfig(state_file=tmp_path / "s.json", fastpath="off"), backend=Backend())
+    d.kernel = Kernel()
     d.handler.handle_in(fake(sccrq(1), 1))
-    d.handler.handle_out(fake(sccrp(1, 700), 0))
-    assert d.fast.out == {("192.0.2.10", 1701, 1): (1, 1)} and list(d.fast.inb) == [("192.0.2.10", 1701, 700, 1)]
-    p = fake(data("out", 1, 5), 0)
-    d.handler.handle_out(p)
-    assert p.mark == 1 and d.handler.hot_out == 1
-    d.sync_fastpath()  # no kernel fast path: the changes are dropped, not piled up
-    assert d.fast.dirty_out == set() and d.fast.dirty_in == set()
-    st = d.fastpath_status()
-    assert (st["mode"], st["userspace_tunnels"], st["userspace_packets_out"], st["out_entries"]) == ("off", 1, 1, 0)
+    d.handler.handle_in(fake(sccrq(1), 2))
+    d.handler.handle_out(fake(sccrp(0xFFFF, 800), 0))
+    d.sync_fastpath()
+    assert d.kernel.seen == [(d.engine, ({k3(NAT, 1701, 1), k3(NAT, 1701, 0xFFFF)},
+                                         {(k3(NAT, 1701, 800) << 32) | 2}))]
+    assert not d.fast
+    d.handler.handle_out(fake(data("out", 0xFFFF, 1), 0))  # data changes nothing
+    d.handler.handle_in(fake(control("in", C.SCCCN, tunnel=800), 2))
+    d.sync_fastpath()
+    assert d.kernel.seen[-1] == (d.engine, (set(), set()))
