@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from scapy.layers.inet import IP, UDP
 from scapy.layers.ppp import HDLC
 from scapy.packet import Raw
@@ -77,3 +79,13 @@ def data(direction: str, tunnel: int, session: int, port: int = 1701, peer: str 
          payload: bytes = b"\xc0\x21\x09\x01\x00\x08\x00\x00\x00\x00") -> bytes:
     return bytes(_ip(direction, port, 1701, peer) / L2TPv2(t=0, l=1, s=0, tunnel_id=tunnel, session_id=session)
                  / HDLC() / Raw(payload))
+
+
+def ones_sum_ref(data: bytes) -> int:
+    """A ones'-complement 16-bit sum written independently of the codec's (for checking it)."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s

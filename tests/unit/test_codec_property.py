@@ -24,6 +24,7 @@ from scapy.layers.inet import IP, UDP, IPOption_NOP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
 from scapy.packet import Raw
 
+from tests.unit.helpers import ones_sum_ref
 from l2tp_marker import codec
 from l2tp_marker import constants as C
 from l2tp_marker.codec import L2tpMessage, Malformed, UdpDatagram
@@ -458,13 +459,7 @@ def test_parse_ip_udp_never_raises(raw, as_view):
 # --------------------------------------------------------------------------- property 3: rewrite
 
 
-def _ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
+_ones_sum = ones_sum_ref  # independent of the codec (tests/unit/helpers.py)
 
 
 def _scapy_checksum(raw: bytes, dg: UdpDatagram, version: int) -> int:

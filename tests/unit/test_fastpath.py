@@ -43,7 +43,7 @@ from l2tp_marker.layers import (AVPAssignedTunnelID, AVPHostName, AVPMessageType
                                 AVPResultCode, L2TPv2)
 from l2tp_marker.rules import build_rules
 
-from .helpers import GW, NAT, FakeClock, control, data, sccrp, sccrq, stopccn
+from .helpers import ones_sum_ref, GW, NAT, FakeClock, control, data, sccrp, sccrq, stopccn
 
 OTHER = "203.0.113.5"
 V6 = "2001:db8::10"
@@ -710,13 +710,7 @@ def test_a_follower_fed_with_the_engine_events_mirrors_the_engine_through_a_tunn
 
 # ================================================================================ hot path vs engine
 # Hand-built packets (independent of the codec and of scapy).
-def _sum16(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
+_sum16 = ones_sum_ref  # independent of the codec (tests/unit/helpers.py)
 
 
 def ip4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes, *, csum: bool = True,
