@@ -1328,14 +1328,16 @@ def test_kernel_fast_path_in_a_scratch_netns(netns):
             # Damage is reported: a flushed chain, then a missing table.
             assert in_ns(netns, "nft", "flush", "chain", "ip", table, "in").returncode == 0
             assert k.check() == [f"nftables chain {table} in does not hold its 2 rules"]
+            assert k.check(full=False) == [f"nftables chain {table} in holds 0 rules, not 2"]
             k.install(e)  # what the daemon's repair does
             changes.take()
-            assert k.check() == []
+            assert k.check() == [] and k.check(full=False) == []
             assert _elements(netns, table, "out_marks") == {"192.0.2.10 . 1701 . 0x4 : 0x80000004",
                                                             "127.0.0.1 . 1701 . 0x1 : 0x80000007"}
             assert _kernel_holds(netns, table) == _listed(want_kernel(e, BIT, k.aliases_in_kernel))
             assert in_ns(netns, "nft", "delete", "table", "ip", table).returncode == 0
             assert k.check() == [f"nftables table ip {table} is missing"]
+            assert k.check(full=False) == [f"nftables table ip {table} is missing"]
 
             # remove() works whether or not the table is there, and leaves none.
             k.install(e)
