@@ -147,8 +147,10 @@ def table_script(table: str, bit: int, extra_maps: list[str] = (), extra_out_rul
              *extra_maps,
              "  chain out {", f"    type route hook output priority {PRIORITY}; policy accept;"]
     for l_bit, off in ((True, 96), (False, 80)):
+        # accept: a plain tunnel's packet is done (the route chain still reroutes on the new mark)
+        # and skips the aliased tunnels' rules below.
         lines.append(f"    {_match('sport', l_bit)} meta mark set ip daddr . udp dport . @th,{off},16 "
-                     f"map @out_marks counter")
+                     f"map @out_marks counter accept")
     lines += [*extra_out_rules, "  }", "  chain in {", f"    type filter hook input priority {PRIORITY}; policy accept;"]
     for l_bit, off in ((True, 96), (False, 80)):
         lines.append(f"    {_match('dport', l_bit)} ip saddr . udp sport . @th,{off},16 . meta mark @in_known "

@@ -250,8 +250,8 @@ table ip l2tp_marker {
   }
   chain out {
     type route hook output priority -160; policy accept;
-    udp sport 1701 @th,64,2 0x1 @th,76,4 2 meta mark set ip daddr . udp dport . @th,96,16 map @out_marks counter
-    udp sport 1701 @th,64,2 0x0 @th,76,4 2 meta mark set ip daddr . udp dport . @th,80,16 map @out_marks counter
+    udp sport 1701 @th,64,2 0x1 @th,76,4 2 meta mark set ip daddr . udp dport . @th,96,16 map @out_marks counter accept
+    udp sport 1701 @th,64,2 0x0 @th,76,4 2 meta mark set ip daddr . udp dport . @th,80,16 map @out_marks counter accept
   }
   chain in {
     type filter hook input priority -160; policy accept;

@@ -292,3 +292,28 @@ def test_daemon_hands_the_engine_and_the_changes_to_the_kernel_fast_path(tmp_pat
     d.handler.handle_in(fake(control("in", C.SCCCN, tunnel=800), 2))
     d.sync_fastpath()
     assert d.kernel.seen[-1] == (d.engine, (set(), set()))
+
+
+def test_a_burst_of_table_changes_reaches_the_kernel_without_waiting_for_the_batch(tmp_path):
+    """The daemon syncs from inside a queue batch once SYNC_BATCH keys changed."""
+    from l2tp_marker.config import DaemonConfig
+    from l2tp_marker.daemon import Daemon
+
+    class Backend:
+        name = "stub"
+
+    class Kernel:
+        def __init__(self):
+            self.synced = []
+
+        def sync(self, engine, changes):
+            out, inb = changes.take()
+            self.synced.append(len(out) + len(inb))
+
+    d = Daemon(DaemonConfig(state_file=tmp_path / "s.json", fastpath="off"), backend=Backend())
+    d.kernel = Kernel()
+    for tid in range(1, d.SYNC_BATCH + 2):
+        v = judge_packet(d.engine, sccrq(tid, port=2000 + tid), "in", tid)
+        d._events(v.decision.events)
+    assert d.kernel.synced == [d.SYNC_BATCH]          # one transaction, when the batch was full
+    assert len(d.fast.out) == 1                       # the rest waits for the end of the batch
