@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import time
+from typing import NamedTuple
 
 from .. import fastpath as fp
 from . import BackendError
@@ -68,13 +69,21 @@ class Nft:
             self._ctx = None
 
 
-def _looks_up(exprs, set_name: str) -> bool:
+def _looks_up(exprs, set_name: str | None = None) -> bool:
+    """Does a rule (its expressions, as pyroute2 gives them) look up ``set_name`` (any set: None)?"""
     for e in exprs:
         if e.get_attr("NFTA_EXPR_NAME") == "lookup":
             data = e.get_attr("NFTA_EXPR_DATA")
-            if data is not None and data.get_attr("NFTA_LOOKUP_SET") == set_name:
+            if data is not None and (set_name is None or data.get_attr("NFTA_LOOKUP_SET") == set_name):
                 return True
     return False
+
+
+class _Op(NamedTuple):
+    store: set   # the installed keys it changes (KernelFastPath.out, .inb or .alias)
+    key: int
+    add: bool
+    script: str  # the nft command
 
 
 class KernelFastPath:
@@ -160,40 +169,53 @@ class KernelFastPath:
             log.warning("aliased tunnels stay on the per-packet path: %s", self.alias_reason)
             return
         self.aliases_in_kernel, self.alias_reason = True, "rewrite rules verified"
-        adds = [(k, *fp.kernel_alias_value(engine.out_index[k], self.bit)) for k in aliased]
-        if adds:
-            self._run_alias([], adds)
+        self._apply([self._op(self.alias, k, fp.kernel_alias_value(engine.out_index[k], self.bit))
+                     for k in aliased])
 
     def _elements(self, out_del, out_add, in_del, in_add) -> str:
         return fp.element_script(self.table, [fp.out_key_text(k) for k in out_del],
                                  [(fp.out_key_text(k), v) for k, v in out_add],
                                  [fp.in_key_text(k) for k in in_del], [fp.in_key_text(k) for k in in_add])
 
-    def _alias_elements(self, deletes, adds) -> str:
-        return rw.alias_element_script(self.table, [fp.out_key_text(k) for k in deletes],
-                                       [(fp.out_key_text(k), m, t) for k, m, t in adds])
+    def _op(self, store: set[int], key: int, value=None) -> _Op:
+        """Deleting (``value`` None) or adding one element of ``store``'s map or set, as nft text."""
+        add = value is not None
+        if store is self.alias:
+            script = rw.alias_element_script(self.table, [] if add else [fp.out_key_text(key)],
+                                             [(fp.out_key_text(key), *value)] if add else [])
+        elif store is self.out:
+            script = self._elements([] if add else [key], [(key, value)] if add else [], [], [])
+        else:
+            script = self._elements([], [], [] if add else [key], [key] if add else [])  # a set: no value
+        return _Op(store, key, add, script)
 
-    def _run_alias(self, deletes: list, adds: list) -> None:
-        rc, _, err = self.nft.run(self._alias_elements(deletes, adds))
-        if rc == 0:
-            self.alias.difference_update(deletes)
-            self.alias.update(k for k, _, _ in adds)
-            self.stats["elements_added"] += len(adds)
-            self.stats["elements_deleted"] += len(deletes)
+    def _apply(self, ops: list[_Op]) -> None:
+        """One transaction for ``ops`` (deletions first, so a changed value is a delete and an add).
+        If the kernel refuses it, each op alone, so one bad element cannot keep the others out; a
+        delete of an element that is already gone (someone flushed the map) is not an error."""
+        if not ops:
             return
-        for k in deletes:
-            if self.nft.run(self._alias_elements([k], []))[0] == 0:
-                self.stats["elements_deleted"] += 1
-            self.alias.discard(k)
-        for k, m, t in adds:
-            rc, _, err = self.nft.run(self._alias_elements([], [(k, m, t)]))
-            if rc == 0:
-                self.alias.add(k)
+        ops = sorted(ops, key=lambda op: op.add)
+        t0 = time.perf_counter()
+        rc, _, err = self.nft.run("".join(op.script for op in ops))
+        self.stats["last_commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        self.stats["commits"] += 1
+        if rc == 0:
+            results = [(op, 0, "") for op in ops]
+        else:
+            log.warning("fast-path update failed (%s); retrying element by element", " ".join(err.split())[:200])
+            results = [(op, *self.nft.run(op.script)[::2]) for op in ops]
+        for op, rc, err in results:
+            if not op.add:
+                op.store.discard(op.key)
+                self.stats["elements_deleted"] += rc == 0
+            elif rc == 0:
+                op.store.add(op.key)
                 self.stats["elements_added"] += 1
             else:
                 self.stats["errors"] += 1
-                log.error("fast path: cannot add aliased tunnel %s: %s (its data stays on the userspace path)",
-                          fp._elem_out(fp.out_key_text(k)), " ".join(err.split())[:200])
+                log.error("fast path: cannot add %s: %s (its data stays on the userspace path)",
+                          op.script.strip(), " ".join(err.split())[:200])
 
     def remove(self) -> None:
         """Delete the table (safe when it is not there)."""
@@ -217,93 +239,32 @@ class KernelFastPath:
         """Bring the kernel in line with ``engine`` for the keys in ``changes``; returns the
         elements changed (one transaction, or element by element if that one failed)."""
         dirty_out, dirty_in = changes.take()
-        if not self.installed or (not dirty_out and not dirty_in):
+        if not self.installed:
             return 0
-        out_del, out_add, in_del, in_add, al_del, al_add = [], [], [], [], [], []
+        ops = []
         for k in dirty_out:  # a key that changed: delete what is there, add what should be
             t = engine.out_index.get(k)
-            want = fp.kernel_out_value(t, self.bit)
-            if k in self.out:
-                out_del.append(k)
-            if want is not None:
-                out_add.append((k, want))
-            awant = fp.kernel_alias_value(t, self.bit) if self.aliases_in_kernel else None
-            if k in self.alias:
-                al_del.append(k)
-            if awant is not None:
-                al_add.append((k, *awant))
+            for store, want in ((self.out, fp.kernel_out_value(t, self.bit)),
+                                (self.alias, fp.kernel_alias_value(t, self.bit) if self.aliases_in_kernel else None)):
+                if k in store:
+                    ops.append(self._op(store, k))
+                if want is not None:
+                    ops.append(self._op(store, k, want))
         for k in dirty_in:
-            want = fp.kernel_in_ok(engine, k, self.bit)
-            have = k in self.inb
-            if want and not have:
-                in_add.append(k)
-            elif have and not want:
-                in_del.append(k)
-        if not (out_del or out_add or in_del or in_add or al_del or al_add):
-            return 0
-        t0 = time.perf_counter()
-        script = self._elements(out_del, out_add, in_del, in_add)
-        if al_del or al_add:
-            script += self._alias_elements(al_del, al_add)
-        rc, _, err = self.nft.run(script)
-        self.stats["last_commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        self.stats["commits"] += 1
-        if rc == 0:
-            self._applied(out_del, out_add, in_del, in_add)
-            self._applied_alias(al_del, al_add)
-        else:
-            log.warning("fast-path update failed (%s); retrying element by element", " ".join(err.split())[:200])
-            self._one_by_one(out_del, out_add, in_del, in_add)
-            if al_del or al_add:
-                self._run_alias(al_del, al_add)
-        return len(out_del) + len(out_add) + len(in_del) + len(in_add) + len(al_del) + len(al_add)
-
-    def _applied_alias(self, al_del, al_add) -> None:
-        self.alias.difference_update(al_del)
-        self.alias.update(k for k, _, _ in al_add)
-        self.stats["elements_added"] += len(al_add)
-        self.stats["elements_deleted"] += len(al_del)
-
-    def _applied(self, out_del, out_add, in_del, in_add) -> None:
-        self.out.difference_update(out_del)
-        self.out.update(k for k, _ in out_add)
-        self.inb.difference_update(in_del)
-        self.inb.update(in_add)
-        self.stats["elements_added"] += len(out_add) + len(in_add)
-        self.stats["elements_deleted"] += len(out_del) + len(in_del)
-
-    def _one_by_one(self, out_del, out_add, in_del, in_add) -> None:
-        # A delete of an element that is gone (someone flushed the map) is not an error for us.
-        for k in out_del:
-            if self.nft.run(self._elements([k], [], [], []))[0] == 0:
-                self.stats["elements_deleted"] += 1
-            self.out.discard(k)
-        for k in in_del:
-            if self.nft.run(self._elements([], [], [k], []))[0] == 0:
-                self.stats["elements_deleted"] += 1
-            self.inb.discard(k)
-        for k, v in out_add:
-            rc, _, err = self.nft.run(self._elements([], [(k, v)], [], []))
-            if rc == 0:
-                self.out.add(k)
-                self.stats["elements_added"] += 1
-            else:
-                self.stats["errors"] += 1
-                log.error("fast path: cannot add %s: %s (its data stays on the userspace path)",
-                          fp._elem_out(fp.out_key_text(k), v), " ".join(err.split())[:200])
-        for k in in_add:
-            rc, _, err = self.nft.run(self._elements([], [], [], [k]))
-            if rc == 0:
-                self.inb.add(k)
-                self.stats["elements_added"] += 1
-            else:
-                self.stats["errors"] += 1
-                log.error("fast path: cannot add %s: %s", fp._elem_in(fp.in_key_text(k)), " ".join(err.split())[:200])
+            want, have = fp.kernel_in_ok(engine, k, self.bit), k in self.inb
+            if want != have:
+                ops.append(self._op(self.inb, k, True if want else None))
+        self._apply(ops)
+        return len(ops)
 
     # ------------------------------------------------------------------ checks and counters
     # Read over netlink with pyroute2: libnftables would load every map element into its cache
     # first (about a second with 100,000 tunnels), pyroute2 reads the rules alone (~2 ms).
-    def _read(self) -> dict | None:
+    def _read(self, exprs: bool = True) -> dict | None:
+        """Chains, sets, and the rules of each chain; with ``exprs`` also every rule's expressions
+        (pyroute2 decodes nested attributes in Python: ~13 ms for this table, so the quick check
+        counts the rules without them). Rules that look up ``alias_ids`` are the aliased tunnels'
+        rewrites, kept apart."""
         from pyroute2.nftables.main import NFTables  # noqa: PLC0415 - only on the live path
 
         nl = NFTables(nfgen_family=2)  # NFPROTO_IPV4
@@ -313,83 +274,39 @@ class KernelFastPath:
             if not chains:
                 return None
             sets = {x.get_attr("NFTA_SET_NAME") for x in nl.get_sets() if x.get_attr("NFTA_SET_TABLE") == self.table}
+            counts: dict[str, int] = {}
             rules: dict[str, list[list]] = {}
             rewrites: list[list] = []
             for r in nl.get_rules():
                 if r.get_attr("NFTA_RULE_TABLE") == self.table:
-                    exprs = r.get_attr("NFTA_RULE_EXPRESSIONS") or []
-                    if _looks_up(exprs, rw.ALIAS_IDS):
-                        rewrites.append(exprs)  # the aliased tunnels' rewrite rules: counted apart
-                    else:
-                        rules.setdefault(r.get_attr("NFTA_RULE_CHAIN"), []).append(exprs)
-        finally:
-            nl.close()
-        return {"chains": chains, "sets": sets, "rules": rules, "rewrites": rewrites}
-
-    def _quick_read(self) -> dict | None:
-        """Chains, sets and how many rules each chain holds, without decoding the rules'
-        expressions (pyroute2 decodes nested attributes in Python: ~13 ms for this table)."""
-        from pyroute2.nftables.main import NFTables  # noqa: PLC0415 - only on the live path
-
-        nl = NFTables(nfgen_family=2)
-        try:
-            chains = {c.get_attr("NFTA_CHAIN_NAME"): c.get_attr("NFTA_CHAIN_HOOK")
-                      for c in nl.get_chains() if c.get_attr("NFTA_CHAIN_TABLE") == self.table}
-            if not chains:
-                return None
-            sets = {x.get_attr("NFTA_SET_NAME") for x in nl.get_sets() if x.get_attr("NFTA_SET_TABLE") == self.table}
-            counts: dict[str, int] = {}
-            for r in nl.get_rules():
-                if r.get_attr("NFTA_RULE_TABLE") == self.table:
                     chain = r.get_attr("NFTA_RULE_CHAIN")
                     counts[chain] = counts.get(chain, 0) + 1
+                    if exprs:
+                        ex = r.get_attr("NFTA_RULE_EXPRESSIONS") or []
+                        (rewrites if _looks_up(ex, rw.ALIAS_IDS) else rules.setdefault(chain, [])).append(ex)
         finally:
             nl.close()
-        return {"chains": chains, "sets": sets, "counts": counts}
+        return {"chains": chains, "sets": sets, "counts": counts, "rules": rules, "rewrites": rewrites}
 
     def check(self, full: bool = True) -> list[str]:
-        """What is wrong with the installed table (empty: nothing). ``full=False`` checks chains,
-        hooks, sets and rule counts only (~3 ms); the full check also reads every rule's
-        expressions and the rewrite rules' checksum update (~35 ms), which the daemon does less
-        often, so the packet loop never stalls that long every repair_interval."""
+        """What is wrong with the installed table (empty: nothing). Always: chains, hooks, sets,
+        rule counts (~3 ms). ``full`` also reads every rule's expressions and the rewrite rules'
+        checksum update (~35 ms), which the daemon does less often, so the packet loop never
+        stalls that long every repair_interval."""
         if not self.installed:
             return []
         try:
-            got = self._read() if full else self._quick_read()
+            got = self._read(exprs=full)
         except Exception as exc:  # netlink errors come in several classes
             return [f"cannot read nftables table ip {self.table}: {exc}"]
         if got is None:
             return [f"nftables table ip {self.table} is missing"]
-        if not full:
-            return self._quick_problems(got)
         problems = [f"nftables set {n} is missing" for n in ("out_marks", "in_known", rw.ALIAS_MARKS, rw.ALIAS_IDS)
                     if n not in got["sets"]]
-        want_rules = {"out": 4, "in": 2}  # out: out_marks, alias_marks (L=1, L=0 each)
-        for name, hooknum in (("out", 3), ("in", 1)):  # NF_INET_LOCAL_OUT, NF_INET_LOCAL_IN
-            hook = got["chains"].get(name)
-            if hook is None:
-                problems.append(f"nftables chain {self.table} {name} is missing")
-                continue
-            if (hook.get_attr("NFTA_HOOK_HOOKNUM"), hook.get_attr("NFTA_HOOK_PRIORITY")) != (hooknum, fp.PRIORITY):
-                problems.append(f"nftables chain {self.table} {name} is not on its hook at priority {fp.PRIORITY}")
-            rules = got["rules"].get(name, [])
-            looks = [r for r in rules if any(e.get_attr("NFTA_EXPR_NAME") == "lookup" for e in r)]
-            if len(rules) != want_rules[name] or len(looks) != want_rules[name]:
-                problems.append(f"nftables chain {self.table} {name} does not hold its {want_rules[name]} rules")
-        want_rw = 4 if self.aliases_in_kernel else 2  # raw writes (no checksum) + the netlink-built ones
-        if len(got["rewrites"]) != want_rw:
-            problems.append(f"nftables chain {self.table} out holds {len(got['rewrites'])} alias rewrite rules, "
-                            f"not {want_rw}")
-        if self.aliases_in_kernel:
-            problems += rw.verify_rewrite_rules(self.table)
-        return problems
-
-    def _quick_problems(self, got: dict) -> list[str]:
-        problems = [f"nftables set {n} is missing" for n in ("out_marks", "in_known", rw.ALIAS_MARKS, rw.ALIAS_IDS)
-                    if n not in got["sets"]]
-        # out: out_marks and alias_marks rules, the plain rewrites and (in the kernel) the netlink-built ones
+        # out: out_marks and alias_marks (L=1, L=0 each), the plain rewrites and (when aliased
+        # tunnels are in the kernel) the netlink-built ones
         want = {"out": 6 + (2 if self.aliases_in_kernel else 0), "in": 2}
-        for name, hooknum in (("out", 3), ("in", 1)):
+        for name, hooknum in (("out", 3), ("in", 1)):  # NF_INET_LOCAL_OUT, NF_INET_LOCAL_IN
             hook = got["chains"].get(name)
             if hook is None:
                 problems.append(f"nftables chain {self.table} {name} is missing")
@@ -399,6 +316,10 @@ class KernelFastPath:
             if got["counts"].get(name, 0) != want[name]:
                 problems.append(f"nftables chain {self.table} {name} holds {got['counts'].get(name, 0)} rules, "
                                 f"not {want[name]}")
+            elif full and not all(_looks_up(ex) for ex in got["rules"].get(name, [])):
+                problems.append(f"nftables chain {self.table} {name} holds a rule that is not ours")
+        if full and self.aliases_in_kernel:
+            problems += rw.verify_rewrite_rules(self.table)
         return problems
 
     def counters(self) -> dict[str, int]:

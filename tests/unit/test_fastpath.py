@@ -469,7 +469,8 @@ def test_sync_sends_only_the_changed_keys_deleting_and_adding_again():
     assert (k.stats["elements_added"] - added, k.stats["elements_deleted"] - deleted) == (2, 3)
     assert commands(nft.scripts[-1]) == {
         ("delete", "out_marks", frozenset({"192.0.2.10 . 1701 . 1"})),
-        ("delete", "in_known", frozenset({"192.0.2.10 . 1701 . 800 . 0x2", "192.0.2.10 . 1701 . 700 . 0x1"})),
+        ("delete", "in_known", frozenset({"192.0.2.10 . 1701 . 800 . 0x2"})),
+        ("delete", "in_known", frozenset({"192.0.2.10 . 1701 . 700 . 0x1"})),
         ("add", "out_marks", frozenset({"192.0.2.10 . 1701 . 1 : 0x80000005"})),
         ("add", "in_known", frozenset({"192.0.2.10 . 1701 . 801 . 0x2"}))}
     assert_follows(k, nft, e)
@@ -1327,8 +1328,12 @@ def test_kernel_fast_path_in_a_scratch_netns(netns):
 
             # Damage is reported: a flushed chain, then a missing table.
             assert in_ns(netns, "nft", "flush", "chain", "ip", table, "in").returncode == 0
-            assert k.check() == [f"nftables chain {table} in does not hold its 2 rules"]
-            assert k.check(full=False) == [f"nftables chain {table} in holds 0 rules, not 2"]
+            assert k.check() == k.check(full=False) == [f"nftables chain {table} in holds 0 rules, not 2"]
+            # Two rules of someone else's: the count is right, only the full check sees it.
+            for _ in range(2):
+                assert in_ns(netns, "nft", "add", "rule", "ip", table, "in", "counter").returncode == 0
+            assert k.check(full=False) == []
+            assert k.check() == [f"nftables chain {table} in holds a rule that is not ours"]
             k.install(e)  # what the daemon's repair does
             changes.take()
             assert k.check() == [] and k.check(full=False) == []
