@@ -7,8 +7,8 @@ Pure (no I/O). Two consumers follow the engine's :class:`~l2tp_marker.engine.Tab
   also get the client's tunnel ID back, ``backends/nft_rewrite.py``), and whose set lets inbound
   data of known tunnels skip the queue. Those packets never reach userspace. See
   docs/fastpath-notes.md for the measurements behind every choice here.
-* the **userspace fast path** (:func:`hot_verdict`): the same match and the same keys, applied in
-  the daemon to data packets that still reach the queue (everything when the kernel fast path is
+* the **userspace fast path** (the daemon's lanes, ``PacketHandler._make_lanes``, with
+  :func:`rewrite16`): the same match and the same keys, applied in the daemon to data packets that still reach the queue (everything when the kernel fast path is
   off; aliased tunnels when the kernel's rewrite rules could not be verified), without the full
   decode.
 
@@ -29,7 +29,7 @@ import socket
 from collections import Counter
 
 from .constants import L2TP_PORT
-from .engine import IN, ipv4_int, key3
+from .engine import ipv4_int, key3
 
 DEFAULT_BIT = 0x80000000
 PRIORITY = -160  # before legacy mangle (-150): the connmark restore and our queue rules
@@ -180,43 +180,6 @@ def element_script(table: str, out_del: list[OutKey], out_add: list[tuple[OutKey
 
 
 # ------------------------------------------------------------------------------ userspace
-MISS = None
-
-
-def hot_verdict(pkt: bytes, direction: str, mark_in: int, engine, mark_mask: int = 0xFFFFFFFF):
-    """The userspace fast path for one queued packet: ``None`` when it does not apply (take the slow
-    path), else ``(mark or None, new packet bytes or None)``.
-
-    Applies exactly the kernel rules' match (module docstring) to the engine's indexes. For
-    outbound packets the mark is the engine's: the bits outside ``mark_mask`` kept, the tunnel's SA
-    mark in the rest; aliased tunnels get the client's tunnel ID back in the header with the UDP
-    checksum updated. (The daemon's lanes are the same, specialised for speed.)
-    """
-    n = len(pkt)
-    if n < 34 or pkt[0] >> 4 != 4 or pkt[9] != 17 or pkt[6] & 0x3F or pkt[7]:
-        return MISS  # not IPv4/UDP, or a fragment
-    u = (pkt[0] & 0x0F) * 4
-    h = u + 8
-    if n < h + 6 or pkt[h] & 0x80 or pkt[h + 1] & 0x0F != 2:
-        return MISS  # too short for a data header, a control message, or not L2TPv2
-    t = h + 4 if pkt[h] & 0x40 else h + 2
-    tid = (pkt[t] << 8) | pkt[t + 1]
-    if direction == IN:
-        if pkt[u + 2] != 0x06 or pkt[u + 3] != 0xA5:
-            return MISS
-        x = engine.in_index.get(key3(int.from_bytes(pkt[12:16], "big"), (pkt[u] << 8) | pkt[u + 1], tid))
-        return (None, None) if x is not None and not isinstance(x, list) and x.mark == mark_in else MISS
-    if pkt[u] != 0x06 or pkt[u + 1] != 0xA5:
-        return MISS
-    tun = engine.out_index.get(key3(int.from_bytes(pkt[16:20], "big"), (pkt[u + 2] << 8) | pkt[u + 3], tid))
-    if tun is None:
-        return MISS
-    mark = (mark_in & ~mark_mask & 0xFFFFFFFF) | tun.mark
-    if tun.client_tid == tid:
-        return (mark, None)
-    return (mark, rewrite16(pkt, u, t, tun.client_tid.to_bytes(2, "big")))
-
-
 def rewrite16(pkt: bytes, u: int, off: int, new: bytes) -> bytes:
     """``pkt`` with the 16-bit field at ``off`` replaced by ``new`` and the UDP checksum (at
     ``u + 6``) updated incrementally (RFC 1624); a zero checksum (none, IPv4) stays zero."""

@@ -36,14 +36,52 @@ from l2tp_marker import fastpath as fp
 from l2tp_marker.backends import nft_rewrite as rw
 from l2tp_marker.backends.nft_fastpath import KernelFastPath
 from l2tp_marker.daemon import PacketHandler
-from l2tp_marker.engine import Engine, EngineConfig, Peer, TableEvent, Tunnel, ipv4_int, key3
-from l2tp_marker.fastpath import FastChanges, hot_verdict
+from l2tp_marker.engine import IN, Engine, EngineConfig, Peer, TableEvent, Tunnel, ipv4_int, key3
+from l2tp_marker.fastpath import FastChanges, rewrite16
 from l2tp_marker.judge import judge_packet
 from l2tp_marker.layers import (AVPAssignedTunnelID, AVPHostName, AVPMessageType, AVPProtocolVersion,
                                 AVPResultCode, L2TPv2)
 from l2tp_marker.rules import build_rules
 
 from .helpers import ones_sum_ref, GW, NAT, FakeClock, control, data, sccrp, sccrq, stopccn
+
+
+MISS = None
+
+
+def hot_verdict(pkt: bytes, direction: str, mark_in: int, engine, mark_mask: int = 0xFFFFFFFF):
+    """The reference model of the fast paths' match, written plainly (any IP header length): ``None``
+    when it does not apply (the slow path), else ``(mark or None, new packet bytes or None)``.
+
+    Applies the kernel rules' match (fastpath.py's docstring) to the engine's indexes. For
+    outbound packets the mark is the engine's: the bits outside ``mark_mask`` kept, the tunnel's SA
+    mark in the rest; aliased tunnels get the client's tunnel ID back in the header with the UDP
+    checksum updated. The daemon's lanes must agree with it on every packet they take.
+    """
+    n = len(pkt)
+    if n < 34 or pkt[0] >> 4 != 4 or pkt[9] != 17 or pkt[6] & 0x3F or pkt[7]:
+        return MISS  # not IPv4/UDP, or a fragment
+    u = (pkt[0] & 0x0F) * 4
+    h = u + 8
+    if n < h + 6 or pkt[h] & 0x80 or pkt[h + 1] & 0x0F != 2:
+        return MISS  # too short for a data header, a control message, or not L2TPv2
+    t = h + 4 if pkt[h] & 0x40 else h + 2
+    tid = (pkt[t] << 8) | pkt[t + 1]
+    if direction == IN:
+        if pkt[u + 2] != 0x06 or pkt[u + 3] != 0xA5:
+            return MISS
+        x = engine.in_index.get(key3(int.from_bytes(pkt[12:16], "big"), (pkt[u] << 8) | pkt[u + 1], tid))
+        return (None, None) if x is not None and not isinstance(x, list) and x.mark == mark_in else MISS
+    if pkt[u] != 0x06 or pkt[u + 1] != 0xA5:
+        return MISS
+    tun = engine.out_index.get(key3(int.from_bytes(pkt[16:20], "big"), (pkt[u + 2] << 8) | pkt[u + 3], tid))
+    if tun is None:
+        return MISS
+    mark = (mark_in & ~mark_mask & 0xFFFFFFFF) | tun.mark
+    if tun.client_tid == tid:
+        return (mark, None)
+    return (mark, rewrite16(pkt, u, t, tun.client_tid.to_bytes(2, "big")))
+
 
 OTHER = "203.0.113.5"
 V6 = "2001:db8::10"
