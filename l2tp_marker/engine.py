@@ -35,6 +35,7 @@ tunnel without a StopCCN): such a tunnel is released even while its client keeps
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 import time
 from collections import Counter, OrderedDict, deque
@@ -219,17 +220,8 @@ class Conflict:
 
 def ipv4_int(addr: str) -> int | None:
     """An IPv4 address as an integer (None for anything else, e.g. IPv6)."""
-    parts = addr.split(".")
-    if len(parts) != 4:
-        return None
     try:
-        n = 0
-        for p in parts:
-            v = int(p)
-            if not 0 <= v <= 255 or not p.isdigit():
-                return None
-            n = (n << 8) | v
-        return n
+        return int(ipaddress.IPv4Address(addr))
     except ValueError:
         return None
 

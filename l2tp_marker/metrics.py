@@ -17,13 +17,17 @@ NFQ_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
 
 
 def read_queue_stats(path: Path = NFQ_PROC) -> dict[int, dict[str, int]]:
-    """Per-queue kernel counters: queue_total (waiting), queue_dropped (queue full), user_dropped,
-    and ``queued``: packets handed to the queue since it was bound (the last packet id)."""
-    out: dict[int, dict[str, int]] = {}
+    """Per-queue kernel counters of this network namespace (see :func:`parse_queue_stats`)."""
     try:
-        text = path.read_text()
+        return parse_queue_stats(path.read_text())
     except OSError:
-        return out
+        return {}
+
+
+def parse_queue_stats(text: str) -> dict[int, dict[str, int]]:
+    """``/proc/net/netfilter/nfnetlink_queue`` per queue: waiting, queue_dropped (queue full),
+    user_dropped, and ``queued``: packets handed to the queue since it was bound (the last id)."""
+    out: dict[int, dict[str, int]] = {}
     for line in text.splitlines():
         f = line.split()
         if len(f) >= 7 and all(x.isdigit() for x in f[:7]):

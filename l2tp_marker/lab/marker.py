@@ -99,12 +99,9 @@ class MarkerProcess:
 
     def queue_stats(self) -> dict[int, dict[str, int]]:
         """The gateway's NFQUEUE counters (``queued`` = packets handed to each queue so far)."""
-        from ..metrics import read_queue_stats  # noqa: PLC0415
+        from ..metrics import parse_queue_stats  # noqa: PLC0415
 
-        text = self.lab.gw_run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
-        path = self.dir / "nfnetlink_queue"
-        path.write_text(text)
-        return read_queue_stats(path)
+        return parse_queue_stats(self.lab.gw_run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout)
 
     def decisions(self) -> list[dict]:
         if not self.decision_log.exists():

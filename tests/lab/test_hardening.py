@@ -31,6 +31,9 @@ import pytest
 from l2tp_marker.lab import analysis
 from l2tp_marker.lab.marker import MarkerProcess
 from l2tp_marker.lab.topology import IPTABLES, ClientSpec, client_ifname, mangle_rules, wait_for
+from l2tp_marker.metrics import parse_queue_stats
+
+from .test_marker_lab import marker_rules, observe
 
 pytestmark = pytest.mark.lab
 
@@ -78,17 +81,6 @@ def result(request):
 
 
 # ------------------------------------------------------------------------------ helpers
-def marker_rules(lab) -> list[str]:
-    return [line for line in lab.mangle_listing() if "L2TP-MARKER" in line]
-
-
-def observe(lab, seconds: float):
-    lab.start_observer()
-    time.sleep(seconds)
-    lab.stop_observer()
-    return lab.report()
-
-
 def bring_up(lab, marker: MarkerProcess, timeout: float = 20.0) -> None:
     lab.start_lns()
     marker.start()
@@ -162,13 +154,8 @@ def outbound_tokens(lab, n: int) -> list[str]:
 
 
 def queue_stats(lab) -> dict[int, dict[str, int]]:
-    """The gateway's /proc/net/netfilter/nfnetlink_queue: queue -> waiting/queue_dropped/user_dropped."""
-    out = {}
-    for line in lab.gw_run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout.splitlines():
-        f = line.split()
-        if len(f) >= 7:
-            out[int(f[0])] = {"waiting": int(f[2]), "queue_dropped": int(f[5]), "user_dropped": int(f[6])}
-    return out
+    """The gateway's /proc/net/netfilter/nfnetlink_queue: queue -> waiting/queue_dropped/user_dropped/queued."""
+    return parse_queue_stats(lab.gw_run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout)
 
 
 def plugin_rules_of(lab, n: int) -> list[list[str]]:

@@ -69,3 +69,19 @@ def test_status_lists_at_most_limit_tunnels_but_counts_them_all():
     assert [t["client_tid"] for t in some["tunnels"]] == [1, 3] and some["tunnels_total"] == 5
     assert "5 tunnel(s), showing the first 2 (--all for every one)" in format_status(some)
     assert "5 tunnel(s)" in format_status(full) and "showing" not in "\n".join(format_status(full))
+
+
+def test_queue_counters_are_read_from_the_kernels_listing(tmp_path):
+    from l2tp_marker.metrics import parse_queue_stats, read_queue_stats
+
+    # /proc/net/netfilter/nfnetlink_queue: queue, portid, waiting, copy mode, range, queue
+    # dropped, user dropped, last id (packets queued so far), 1
+    text = ("1701  12345     0 2 65531     0     0       42  1\n"
+            " 1702  12345     3 2 65531     7     1     1000  1\n"
+            "garbage line\n")
+    assert parse_queue_stats(text) == {
+        1701: {"waiting": 0, "queue_dropped": 0, "user_dropped": 0, "queued": 42},
+        1702: {"waiting": 3, "queue_dropped": 7, "user_dropped": 1, "queued": 1000}}
+    (tmp_path / "nfq").write_text(text)
+    assert read_queue_stats(tmp_path / "nfq") == parse_queue_stats(text)
+    assert read_queue_stats(tmp_path / "missing") == {}
